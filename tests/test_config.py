@@ -1,0 +1,34 @@
+"""Config dicts are rebuilt into dataclasses with errors that name the key, the value and what is allowed."""
+import dataclasses
+
+import pytest
+
+from vaegan.config import ConfigError, VAEGANConfig, from_dict
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = from_dict(VAEGANConfig, {"model": {"latent_dim": 8}, "opt_dis": {"lr": 1e-3}})
+    assert cfg.model.latent_dim == 8 and cfg.opt_dis.lr == 1e-3
+    assert from_dict(VAEGANConfig, dataclasses.asdict(cfg)) == cfg
+
+
+def test_ints_are_accepted_for_floats():
+    assert from_dict(VAEGANConfig, {"loss": {"gamma": 2}}).loss.gamma == 2.0
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": {"latent_dims": 8}}, "unknown config key 'model.latent_dims'"),
+    ({"modle": {}}, "unknown config key 'modle'"),
+    ({"train": {"epochs": "ten"}}, "'train.epochs' must be an integer, got 'ten'"),
+    ({"train": {"amp": 1}}, "'train.amp' must be true or false"),
+    ({"opt_enc": {"lr": -1e-3}}, "'opt_enc.lr' has invalid value -0.001; allowed: a learning rate > 0"),
+    ({"opt_dec": {"lr": 0}}, "'opt_dec.lr' has invalid value 0.0"),
+    ({"model": {"image_size": 48}}, r"'model.image_size' has invalid value 48; allowed: one of \[28, 32, 64, 128\]"),
+    ({"model": {"channels": 4}}, "'model.channels' has invalid value 4"),
+    ({"model": {"kind": "gan"}}, r"'model.kind' has invalid value 'gan'; allowed: one of \['vaegan', 'vae'\]"),
+    ({"loss": {"adversarial": "lsgan"}}, "'loss.adversarial' has invalid value 'lsgan'"),
+    ({"model": 3}, "model: expected a mapping"),
+])
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(VAEGANConfig, data)

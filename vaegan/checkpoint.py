@@ -1,0 +1,66 @@
+"""Checkpoints as plain dicts of tensors and numbers, readable with ``torch.load(weights_only=True)``.
+
+A checkpoint holds every network's unwrapped state_dict, the optimiser states, the step and
+counters (``VAEGANTrainer.state_dict``), the resolved config as a plain dict, and any extra
+plain values the caller adds (epoch, metrics). No pickled classes: loading one never runs code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import VAEGANConfig, from_dict
+from .step import VAEGANTrainer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, or holds something other than plain weights."""
+
+
+def checkpoint_payload(trainer: VAEGANTrainer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**trainer.state_dict(), "config": dataclasses.asdict(trainer.cfg), **(extra or {})}
+
+
+def save_checkpoint(path: str | Path, trainer: VAEGANTrainer, extra: dict[str, Any] | None = None) -> Path:
+    """Write atomically: a reader sees the old file or the complete new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint_payload(trainer, extra), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load onto the CPU with ``weights_only=True``; anything that needs unpickling is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {path} holds objects other than plain weights and was refused "
+                              f"(weights_only=True): {str(err).splitlines()[0]}") from err
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint "
+                              f"(truncated or corrupt): {err}") from err
+    if not isinstance(state, dict) or "config" not in state or "enc" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a vaegan checkpoint (no 'config'/'enc' entries)")
+    return state
+
+
+def config_of(state: dict[str, Any]) -> VAEGANConfig:
+    return from_dict(VAEGANConfig, state["config"])

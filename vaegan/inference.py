@@ -1,0 +1,64 @@
+"""Sampling, encoding and reconstruction with a trained model, from a checkpoint dict.
+
+Images in and out are float32 (N, C, H, W) in [0, 1]; latents are posterior means (N, latent_dim).
+Sampling uses the EMA decoder when the checkpoint has one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .checkpoint import config_of
+from .config import VAEGANConfig
+from .nets import Decoder, Encoder
+
+
+class GenerativeModel:
+    """Encoder + decoder of a trained VAE-GAN (or VAE), in eval mode on one device."""
+
+    def __init__(self, cfg: VAEGANConfig, enc: Encoder, dec: Decoder, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.enc = enc.to(self.device).eval().requires_grad_(False)
+        self.dec = dec.to(self.device).eval().requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], device: str | torch.device = "cpu") -> "GenerativeModel":
+        cfg = config_of(state)
+        enc, dec = Encoder(cfg.model), Decoder(cfg.model)
+        enc.load_state_dict(state["enc"])
+        dec.load_state_dict(state.get("dec_ema", state["dec"]))
+        return cls(cfg, enc, dec, device)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        m = self.cfg.model
+        return (m.channels, m.image_size, m.image_size)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
+        """num_samples images from z ~ N(0, I); the same seed gives the same images."""
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_samples, self.cfg.model.latent_dim, generator=gen).to(self.device)
+        return self.dec.generate(z).float().cpu()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Posterior means E[q(z|x)], (N, latent_dim)."""
+        mu, _ = self.enc(images.to(self.device, torch.float32))
+        return mu.float().cpu()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec.generate(z.to(self.device, torch.float32)).float().cpu()
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Dec(E[q(z|x)]): deterministic reconstructions in [0, 1]."""
+        return self.decode(self.encode(images))
+
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Images along the straight line between the latents of images a and b (each (C, H, W))."""
+        za, zb = self.encode(torch.stack([a, b]))
+        weights = torch.linspace(0, 1, steps).unsqueeze(1)  # (steps, 1)
+        return self.decode((1 - weights) * za + weights * zb)

@@ -1,0 +1,306 @@
+"""One VAE-GAN training step with three optimisers and gradients isolated per network.
+
+Like stylegan2-ada's ``training/loss.py``, every phase makes exactly one network trainable
+(``requires_grad_``), runs its forward pass and calls ``.backward()`` on that network's own loss:
+
+    enc <- beta * KL + Dis_l reconstruction (+ pixel)
+    dec <- gamma * Dis_l reconstruction + generator GAN loss (+ pixel)
+    dis <- discriminator GAN loss (+ R1 / gradient penalty)
+
+All gradients are computed from the same parameters before any optimiser steps (Larsen et al.'s
+simultaneous update), so a test can recompute each network's gradient from its loss alone.
+A widely used VAE-GAN calls backward on several losses before stepping and so leaks the
+discriminator's loss into the decoder's gradient; toggling ``requires_grad`` makes that impossible.
+
+Networks may be wrapped in DistributedDataParallel; ``ddp_sync`` keeps the frozen networks'
+forwards out of DDP's gradient bookkeeping. Nothing here knows about ranks or launchers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from . import losses
+from .config import OptimConfig, VAEGANConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: too many consecutive steps produced non-finite gradients."""
+
+
+@dataclass
+class StepNoise:
+    """The randomness of one step, drawn once so every phase (and a test) sees the same values."""
+
+    eps: torch.Tensor  # (B, latent_dim) reparameterisation noise
+    z_prior: torch.Tensor  # (B, latent_dim) samples from p(z) = N(0, I)
+    mix: torch.Tensor  # (B, 1, 1, 1) real/fake mixing weights for the WGAN-GP interpolates
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (or the module itself)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+@contextlib.contextmanager
+def ddp_sync(module: nn.Module | None, sync: bool) -> Iterator[None]:
+    """Let DDP prepare a gradient all-reduce for this forward only when ``sync`` (no-op on plain modules)."""
+    if sync or not isinstance(module, DistributedDataParallel):
+        yield
+    else:
+        with module.no_sync():
+            yield
+
+
+def mean_across_workers(values: torch.Tensor) -> torch.Tensor:
+    """Average a small tensor over DDP workers so every worker takes the same decision."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(unwrap(module).parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+
+
+class VAEGANTrainer:
+    """Owns the optimisers, the decoder EMA and the step counters of one training run.
+
+    ``enc``, ``dec``, ``dis`` may be plain modules or DDP wrappers (``dis`` is None for the
+    plain VAE). Batches are float32 images (B, C, H, W) in [0, 1] on the networks' device.
+    """
+
+    def __init__(self, cfg: VAEGANConfig, enc: nn.Module, dec: nn.Module, dis: nn.Module | None):
+        self.cfg = cfg
+        self.enc, self.dec, self.dis = enc, dec, dis
+        self.opt_enc = make_optimizer(enc, cfg.opt_enc)
+        self.opt_dec = make_optimizer(dec, cfg.opt_dec)
+        self.opt_dis = make_optimizer(dis, cfg.opt_dis) if dis is not None else None
+        decay = cfg.train.ema_decay
+        self.dec_ema = (AveragedModel(unwrap(dec), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+                        if decay > 0 else None)
+        self.step = 0
+        self.bad_steps = 0  # consecutive non-finite steps
+        self.counters = {"nonfinite_skipped": 0, "dis_skipped": 0, "dec_skipped": 0}
+        for module in self._networks():
+            module.requires_grad_(False)
+
+    def _networks(self) -> list[nn.Module]:
+        return [m for m in (self.enc, self.dec, self.dis) if m is not None]
+
+    @property
+    def generator(self) -> nn.Module:
+        """The decoder used for sampling: its EMA when enabled."""
+        return self.dec_ema.module if self.dec_ema is not None else unwrap(self.dec)
+
+    def sample_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> StepNoise:
+        batch, latent = x.shape[0], self.cfg.model.latent_dim
+
+        def draw(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(x.device)
+
+        mix = torch.rand(batch, 1, 1, 1, generator=generator).to(x.device)
+        return StepNoise(eps=draw(batch, latent), z_prior=draw(batch, latent), mix=mix)
+
+    def train_step(self, x: torch.Tensor, noise: StepNoise | None = None) -> dict[str, float]:
+        """One update of all networks on batch ``x``; returns flat metrics (``loss/enc/kl``, ...)."""
+        noise = noise or self.sample_noise(x)
+        kl_weight = losses.kl_warmup_weight(self.step, self.cfg.loss.kl_warmup_steps, self.cfg.loss.kl_weight)
+        autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                  enabled=self.cfg.train.amp and x.device.type == "cuda")
+        with autocast:
+            if self.dis is None:
+                metrics = self._vae_phase(x, noise, kl_weight)
+                update_dis, update_dec = False, True
+            else:
+                metrics, z, real_feats = self._enc_phase(x, noise, kl_weight)
+                dec_metrics, fakes = self._dec_phase(x, z, real_feats, noise)
+                dis_metrics, real_bce, fake_bce = self._dis_phase(x, fakes, noise)
+                metrics.update(dec_metrics)
+                metrics.update(dis_metrics)
+                update_dis, update_dec = self._balance(real_bce, fake_bce)
+        metrics.update(self._guard_and_step(update_dis, update_dec))
+        metrics["kl_weight"] = torch.tensor(kl_weight)
+        self.step += 1
+        return {name: value for name, value in zip(metrics, torch.stack([v.detach().float().cpu() for v in metrics.values()]).tolist())}
+
+    # -- phases ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _phase(self, trainable: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> Iterator[None]:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        for module in trainable:
+            module.requires_grad_(True)
+        try:
+            with contextlib.ExitStack() as stack:
+                for module in self._networks():
+                    stack.enter_context(ddp_sync(module, sync=module in trainable))
+                yield
+        finally:
+            for module in trainable:
+                module.requires_grad_(False)
+
+    def _encode(self, x: torch.Tensor, noise: StepNoise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.enc(x)  # (B, D) each
+        return mu, logvar, mu + noise.eps * torch.exp(0.5 * logvar)
+
+    def _vae_phase(self, x: torch.Tensor, noise: StepNoise, kl_weight: float) -> dict[str, torch.Tensor]:
+        """Plain VAE baseline: enc and dec both trained on the negative ELBO with a Bernoulli decoder."""
+        with self._phase([self.enc, self.dec], [self.opt_enc, self.opt_dec]):
+            mu, logvar, z = self._encode(x, noise)
+            kl = losses.kl_divergence(mu, logvar, self.cfg.loss.free_bits)
+            pixel = losses.pixel_nll(self.dec(z), x)
+            total = kl_weight * kl + pixel
+            total.backward()
+        return {"loss/enc/kl": kl, "loss/dec/pixel": pixel, "loss/vae/total": total}
+
+    def _enc_phase(self, x: torch.Tensor, noise: StepNoise, kl_weight: float):
+        cfg = self.cfg.loss
+        with self._phase([self.enc], [self.opt_enc]):
+            mu, logvar, z = self._encode(x, noise)
+            with torch.no_grad():
+                _, real_feats = self.dis(x)  # (B, F): a constant target for every network
+            rec_logits = self.dec(z)  # (B, C, H, W)
+            _, rec_feats = self.dis(torch.sigmoid(rec_logits))
+            kl = losses.kl_divergence(mu, logvar, cfg.free_bits)
+            feature = losses.feature_nll(rec_feats, real_feats)
+            pixel = losses.pixel_nll(rec_logits, x)
+            total = losses.encoder_loss(cfg, kl, feature, pixel, kl_weight)
+            total.backward()
+        metrics = {"loss/enc/kl": kl, "loss/enc/feature": feature, "loss/enc/pixel": pixel, "loss/enc/total": total}
+        return metrics, z.detach(), real_feats
+
+    def _dec_phase(self, x: torch.Tensor, z: torch.Tensor, real_feats: torch.Tensor, noise: StepNoise):
+        cfg = self.cfg.loss
+        batch = x.shape[0]
+        with self._phase([self.dec], [self.opt_dec]):
+            logits_all = self.dec(torch.cat([z, noise.z_prior]))  # (2B, C, H, W): recon, then prior samples
+            fakes = torch.sigmoid(logits_all)
+            fake_logits, fake_feats = self.dis(fakes)  # (2B,), (2B, F)
+            feature = losses.feature_nll(fake_feats[:batch], real_feats)
+            pixel = losses.pixel_nll(logits_all[:batch], x)
+            gan = losses.generator_loss(cfg.adversarial, fake_logits)
+            total = losses.decoder_loss(cfg, feature, pixel, gan)
+            total.backward()
+        metrics = {"loss/dec/feature": feature, "loss/dec/pixel": pixel, "loss/dec/gan": gan, "loss/dec/total": total}
+        return metrics, fakes.detach()
+
+    def _dis_phase(self, x: torch.Tensor, fakes: torch.Tensor, noise: StepNoise):
+        """fakes: (2B, C, H, W) reconstructions then prior samples, already detached from the decoder."""
+        cfg = self.cfg.loss
+        batch = x.shape[0]
+        with self._phase([self.dis], [self.opt_dis]):
+            real = x.detach().requires_grad_(cfg.r1_weight > 0)
+            parts = [real, fakes]
+            if cfg.adversarial == "wgan-gp":
+                interp = (noise.mix * real.detach() + (1 - noise.mix) * fakes[:batch]).requires_grad_(True)
+                parts.append(interp)
+            logits, _ = self.dis(torch.cat(parts))  # one pass over real, recon, prior (and interpolates)
+            real_logits, fake_logits = logits[:batch], logits[batch: 3 * batch]
+            real_term, fake_term = losses.discriminator_loss(cfg.adversarial, real_logits, fake_logits)
+            penalty = torch.zeros((), device=x.device)
+            if cfg.adversarial == "wgan-gp":
+                penalty = penalty + cfg.gp_weight * losses.gradient_penalty(logits[3 * batch:], interp)
+            if cfg.r1_weight > 0:
+                penalty = penalty + cfg.r1_weight * losses.r1_penalty(real_logits, real)
+            total = real_term + fake_term + penalty
+            total.backward()
+        bce = torch.stack([nn.functional.softplus(-real_logits).mean(), nn.functional.softplus(fake_logits).mean()])
+        metrics = {"loss/dis/real": real_term, "loss/dis/fake": fake_term, "loss/dis/penalty": penalty,
+                   "loss/dis/total": total}
+        real_bce, fake_bce = mean_across_workers(bce.detach().float()).tolist()
+        return metrics, real_bce, fake_bce
+
+    # -- updates -----------------------------------------------------------------------------
+
+    def _balance(self, real_bce: float, fake_bce: float) -> tuple[bool, bool]:
+        # The equilibrium is defined on BCE, so it only steers the "bce" objective.
+        margin = self.cfg.train.balance_margin if self.cfg.loss.adversarial == "bce" else 0.0
+        return losses.balance_decision(real_bce, fake_bce, margin)
+
+    def _guard_and_step(self, update_dis: bool, update_dec: bool) -> dict[str, torch.Tensor]:
+        """Clip, skip the whole step on non-finite gradients, else step the chosen optimisers.
+
+        Gradients are checked after DDP's all-reduce, so every worker sees the same norms
+        and takes the same decision.
+        """
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        named = [("enc", self.enc, self.opt_enc), ("dec", self.dec, self.opt_dec), ("dis", self.dis, self.opt_dis)]
+        norms = {f"grad_norm/{name}": nn.utils.clip_grad_norm_(unwrap(module).parameters(), max_norm)
+                 for name, module, _ in named if module is not None}
+        finite = bool(torch.isfinite(torch.stack(list(norms.values()))).all())
+        if not finite:
+            return self._skip_nonfinite(norms)
+        self.bad_steps = 0
+        self.opt_enc.step()
+        if update_dec:
+            self.opt_dec.step()
+            if self.dec_ema is not None:
+                self.dec_ema.update_parameters(unwrap(self.dec))
+        if self.opt_dis is not None and update_dis:
+            self.opt_dis.step()
+        self.counters["dec_skipped"] += int(not update_dec)
+        self.counters["dis_skipped"] += int(self.dis is not None and not update_dis)
+        return {**norms, **self._counter_metrics()}
+
+    def _skip_nonfinite(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for opt in (self.opt_enc, self.opt_dec, self.opt_dis):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.counters["nonfinite_skipped"] += 1
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive training steps had non-finite gradients (at step {self.step}; "
+                f"norms {({k: float(v) for k, v in norms.items()})}); limit train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}. Lower the learning rates, keep train.grad_clip > 0 "
+                "or enable model.spectral_norm.")
+        return {**norms, **self._counter_metrics()}
+
+    def _counter_metrics(self) -> dict[str, torch.Tensor]:
+        return {f"guard/{k}": torch.tensor(float(v)) for k, v in self.counters.items()}
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers only, so checkpoints load with ``torch.load(weights_only=True)``."""
+        state = {
+            "enc": unwrap(self.enc).state_dict(),
+            "dec": unwrap(self.dec).state_dict(),
+            "opt_enc": self.opt_enc.state_dict(),
+            "opt_dec": self.opt_dec.state_dict(),
+            "step": self.step,
+            "counters": dict(self.counters),
+        }
+        if self.dis is not None:
+            state["dis"] = unwrap(self.dis).state_dict()
+            state["opt_dis"] = self.opt_dis.state_dict()
+        if self.dec_ema is not None:
+            state["dec_ema"] = self.dec_ema.module.state_dict()
+            state["ema_updates"] = int(self.dec_ema.n_averaged)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.enc).load_state_dict(state["enc"])
+        unwrap(self.dec).load_state_dict(state["dec"])
+        self.opt_enc.load_state_dict(state["opt_enc"])
+        self.opt_dec.load_state_dict(state["opt_dec"])
+        if self.dis is not None:
+            unwrap(self.dis).load_state_dict(state["dis"])
+            self.opt_dis.load_state_dict(state["opt_dis"])
+        if self.dec_ema is not None and "dec_ema" in state:
+            self.dec_ema.module.load_state_dict(state["dec_ema"])
+            self.dec_ema.n_averaged.fill_(state["ema_updates"])
+        self.step = int(state["step"])
+        self.counters.update(state["counters"])
