@@ -19,6 +19,9 @@ from .config import VAEGANConfig, from_dict
 from .step import VAEGANTrainer
 
 
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, or holds something other than plain weights."""
 

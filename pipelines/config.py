@@ -1,0 +1,199 @@
+"""The pipeline's configuration: YAML -> typed dataclasses -> plain dicts across Ray boundaries.
+
+The model, loss, optimiser and core training sections are ``vaegan.config``'s own dataclasses
+(their defaults live there); this module adds the sections only the pipeline has (data, Ray
+scaling, tune, eval, register). YAML is parsed here and nowhere else.
+
+    cfg = load_config("pipelines/configs/smoke.yaml", ["train.epochs=2", "tune.enabled=false"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vaegan.config import ConfigError, TrainConfig, VAEGANConfig, _require, from_dict
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STEPS = ("preprocess", "tune", "train", "evaluate", "register")
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # IDX folder, image folder or Parquet path; "" finds Fashion-MNIST (Debian package, data_dir)
+    format: Literal["auto", "idx", "images", "parquet"] = "auto"
+    data_dir: str = "data"  # where a torchvision download of Fashion-MNIST goes
+    limit: int = 0  # keep only the first N source images (0 keeps all); for smoke runs
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1  # IDX sources keep their own test file instead
+    rows_per_file: int = 10000
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.limit >= 0, "data.limit", self.limit, "an integer >= 0")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            _require(0 < value < 0.5, f"data.{key}", value, "a fraction in (0, 0.5)")
+        _require(self.rows_per_file > 0, "data.rows_per_file", self.rows_per_file, "a positive integer")
+
+
+@dataclass
+class TrainRunConfig(TrainConfig):
+    num_workers: int = 1  # Ray Train workers, each one DDP rank
+    use_gpu: bool = False
+    checkpoint_every: int = 1  # epochs between checkpoints
+    num_to_keep: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    patience: int = 0  # early stopping: epochs without validation improvement (0 disables)
+    val_images: int = 1000  # validation images for the per-epoch ELBO and FID
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.num_workers > 0, "train.num_workers", self.num_workers, "a positive integer")
+        _require(self.checkpoint_every > 0, "train.checkpoint_every", self.checkpoint_every, "a positive integer")
+        _require(self.num_to_keep > 0, "train.num_to_keep", self.num_to_keep, "a positive integer")
+        _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")
+        _require(self.patience >= 0, "train.patience", self.patience, "an integer >= 0")
+        _require(self.val_images >= 16, "train.val_images", self.val_images, "an integer >= 16")
+
+
+@dataclass
+class TuneConfig:
+    enabled: bool = True
+    num_samples: int = 4  # trials drawn from tune/space.py
+    max_epochs: int = 2  # ASHA's max_t
+    grace_period: int = 1
+    reduction_factor: int = 2
+    train_limit: int = 0  # training rows each trial reads (0 = all)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.num_samples > 0, "tune.num_samples", self.num_samples, "a positive integer")
+        _require(self.max_epochs > 0, "tune.max_epochs", self.max_epochs, "a positive integer")
+        _require(0 < self.grace_period <= self.max_epochs, "tune.grace_period", self.grace_period,
+                 f"an integer in [1, tune.max_epochs={self.max_epochs}]")
+        _require(self.reduction_factor >= 2, "tune.reduction_factor", self.reduction_factor, "an integer >= 2")
+        _require(self.train_limit >= 0, "tune.train_limit", self.train_limit, "an integer >= 0")
+
+
+@dataclass
+class EvalConfig:
+    num_images: int = 2000  # test images (and as many samples) for FID, KID, precision/recall
+    iwae_k: int = 64
+    iwae_images: int = 256
+    baseline_vae: bool = False  # also train and score the plain VAE with the same budget
+    featnet_epochs: int = 2
+
+    def validate(self) -> None:
+        _require(self.num_images >= 16, "eval.num_images", self.num_images, "an integer >= 16")
+        _require(self.iwae_k > 0, "eval.iwae_k", self.iwae_k, "a positive integer")
+        _require(self.iwae_images > 0, "eval.iwae_images", self.iwae_images, "a positive integer")
+        _require(self.featnet_epochs > 0, "eval.featnet_epochs", self.featnet_epochs, "a positive integer")
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = "vaegan"
+    alias: str = "champion"
+    experiment: str = "vaegan"
+    tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else sqlite:///<run dir>/mlflow.db
+
+    def validate(self) -> None:
+        for key in ("model_name", "alias", "experiment"):
+            _require(bool(getattr(self, key).strip()), f"register.{key}", getattr(self, key), "a non-empty string")
+
+
+@dataclass
+class PipelineConfig(VAEGANConfig):
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainRunConfig = field(default_factory=TrainRunConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        for section in (self.data, self.tune, self.eval, self.register):
+            section.validate()
+
+    def core(self) -> VAEGANConfig:
+        """The part ``vaegan/`` knows about, as its own dataclass (what checkpoints store)."""
+        return from_dict(VAEGANConfig, _project(dataclasses.asdict(self), VAEGANConfig))
+
+
+def _project(data: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Keep only the keys of dataclass ``cls``, recursively (drops the pipeline-only sections and fields)."""
+    hints = typing.get_type_hints(cls)
+    return {name: _project(data[name], hints[name]) if dataclasses.is_dataclass(hints[name]) else data[name]
+            for name in (f.name for f in dataclasses.fields(cls))}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=3"`` -> (["train", "epochs"], 3); the value is read as YAML (numbers, booleans)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=3), got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config, apply ``--set`` overrides and validate; errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs shipped: "
+                          f"{', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    try:
+        return from_dict(PipelineConfig, apply_overrides(data, overrides or []))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def stable_hash(*parts: Any) -> str:
+    """A short content hash of JSON-able parts: the cache key of a step's outputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"gamma": 1.0}} -> {"loss.gamma": 1.0}: the --set form, for reports and MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested ``base`` with nested ``overrides`` applied on top."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,0 +1,238 @@
+"""DAG step 1, preprocess (Ray Data): source images -> Parquet shards + manifest.
+
+Inputs:  ``data.source``: an IDX folder (Fashion-MNIST/MNIST; "" finds Fashion-MNIST), a folder of
+         images (one sub-folder per class, or flat), or Parquet with an ``image`` column
+         (encoded PNG/JPEG bytes or uint8 arrays) and an optional ``label`` column.
+Outputs: ``<out>/split=<train|val|test>/*.parquet`` with columns ``image`` (raw uint8 bytes of a
+         (C, H, W) array), ``label`` (int64, -1 when unknown) and ``key`` (int64, the row's stable id),
+         and ``<out>/manifest.json`` (counts, image shape, fingerprint, per-channel statistics).
+Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess``
+
+Rows stream through ``map_batches`` (decode, resize, channels, validate), so memory stays bounded by
+Ray Data's streaming executor, not by the dataset's size. The split is a hash of each row's stable
+key, so it does not depend on block layout or on the number of workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data.extensions import ArrowTensorArray
+import torch
+
+from vaegan import data as vdata
+
+from vaegan.config import ConfigError, ModelConfig
+
+from .config import DataConfig
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff")
+
+
+class PreprocessError(ValueError):
+    """Source data that cannot be turned into the configured images; names the file or row."""
+
+
+def detect_format(source: str) -> str:
+    path = Path(source)
+    if not source:
+        return "idx"
+    if not path.exists():
+        raise ConfigError(f"config key 'data.source' points to {source!r}, which does not exist")
+    if path.is_file() or any(path.rglob("*.parquet")):
+        return "parquet"
+    if any(path.glob("*-idx3-ubyte*")):
+        return "idx"
+    return "images"
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
+    idx_dir = vdata.find_idx_dir(cfg.source or None, cfg.data_dir)
+    tables = []
+    for split, offset in (("train", 0), ("test", 10**9)):  # offsets keep the two files' keys apart
+        images, labels = vdata.load_idx(idx_dir, split, cache_dir=Path(cfg.data_dir) / "idx-cache")
+        keys = np.arange(len(labels), dtype=np.int64) + offset
+        if cfg.limit:  # keep the source's train:test proportion (6:1 for Fashion-MNIST)
+            keep = round(cfg.limit * 6 / 7) if split == "train" else cfg.limit - round(cfg.limit * 6 / 7)
+            images, labels, keys = images[:keep], labels[:keep], keys[:keep]
+        for start in range(0, len(keys), 5000):  # several blocks, so map_batches can run in parallel
+            rows = slice(start, start + 5000)
+            tables.append(pa.table({"image": ArrowTensorArray.from_numpy(images[rows].numpy()),
+                                    "label": labels[rows].numpy(), "key": keys[rows],
+                                    "is_test": np.full(len(keys[rows]), split == "test")}))
+    return ray.data.from_arrow(tables), [str(c) for c in range(10)]
+
+
+def _read_images(cfg: DataConfig, model: ModelConfig) -> tuple[ray.data.Dataset, list[str]]:
+    root = Path(cfg.source)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    ds = ray.data.read_images(str(root), include_paths=True, mode="L" if model.channels == 1 else "RGB",
+                              file_extensions=list(IMAGE_EXTENSIONS))
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    return ds.map_batches(_label_from_path, batch_format="numpy",
+                          fn_kwargs={"root": str(root), "classes": classes}), classes
+
+
+def _label_from_path(batch: dict[str, np.ndarray], root: str, classes: list[str]) -> dict[str, Any]:
+    rel = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in batch["path"]]
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index.get(Path(r).parts[0], -1) if len(Path(r).parts) > 1 else -1 for r in rel], np.int64)
+    keys = np.array([zlib.crc32(r.encode()) for r in rel], np.int64)
+    return {"image": list(batch["image"]), "label": labels, "key": keys, "source_path": np.array(rel)}
+
+
+def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
+    ds = ray.data.read_parquet(cfg.source)
+    columns = ds.columns()
+    if "image" not in columns:
+        raise PreprocessError(f"Parquet source {cfg.source} has columns {columns}; it needs an 'image' column "
+                              "(encoded PNG/JPEG bytes or uint8 arrays) and optionally 'label'")
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    return ds, []
+
+
+# -- transforming ----------------------------------------------------------------------------------
+
+
+def _decode(value: Any, where: str) -> np.ndarray:
+    if isinstance(value, (bytes, bytearray)):
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(io.BytesIO(value)) as img:
+                return np.asarray(img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode))
+        except (UnidentifiedImageError, OSError) as err:
+            raise PreprocessError(f"{where}: image bytes could not be decoded ({err})") from err
+    return np.asarray(value)
+
+
+def _to_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 pixels; float sources in [0, 1] or [0, 255] are scaled, NaN/inf rejected."""
+    if images.dtype == np.uint8:
+        return images
+    as_float = images.astype(np.float64)
+    if not np.isfinite(as_float).all():
+        raise PreprocessError(f"{where}: image has NaN or infinite pixel values")
+    scale = 255.0 if as_float.max(initial=0) <= 1.0 else 1.0
+    return np.clip(np.rint(as_float * scale), 0, 255).astype(np.uint8)
+
+
+def _to_nchw(images: np.ndarray, where: str) -> torch.Tensor:
+    """A stack of images (B, H, W), (B, H, W, C) or (B, C, H, W) as uint8 (B, C, H, W)."""
+    if images.ndim == 3:
+        images = images[:, None]  # (B, 1, H, W)
+    elif images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)[:, :3]  # HWC -> CHW, alpha dropped
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise PreprocessError(f"{where}: images of shape {images.shape[1:]} are not 1- or 3-channel images")
+    return torch.from_numpy(np.array(_to_uint8(images, where), copy=True))  # Arrow buffers are read-only
+
+
+def _split_of(keys: np.ndarray, is_test: np.ndarray | None, cfg: DataConfig) -> np.ndarray:
+    """Deterministic split from a hash of (seed, key): independent of block order and worker count."""
+    u = np.array([zlib.crc32(f"{cfg.seed}:{k}".encode()) / 2**32 for k in keys])
+    if is_test is not None:  # the source fixes the test part (IDX); val comes out of its train part
+        return np.where(is_test, "test", np.where(u < cfg.val_fraction, "val", "train"))
+    return np.where(u < cfg.test_fraction, "test", np.where(u < cfg.test_fraction + cfg.val_fraction, "val", "train"))
+
+
+def _images_of(batch: dict[str, Any], size: int, channels: int) -> torch.Tensor:
+    """The batch's images as uint8 (B, C, size, size): one tensor op for uniform arrays, per row otherwise."""
+    column = batch["image"]
+    names = batch.get("source_path", batch.get("key", np.arange(len(column))))
+    if isinstance(column, np.ndarray) and column.dtype != object:
+        groups = [_to_nchw(column, f"rows {names[0]}..{names[-1]}")]
+    else:  # encoded bytes or arrays of differing sizes
+        groups = [_to_nchw(_decode(value, f"row {name}")[None], f"row {name}") for value, name in zip(column, names)]
+    out = [vdata.resize_images(vdata.match_channels(g, channels).float(), size).round().clamp(0, 255).to(torch.uint8)
+           for g in groups]
+    return torch.cat(out) if out else torch.zeros((0, channels, size, size), dtype=torch.uint8)
+
+
+def transform_batch(batch: dict[str, np.ndarray], data: dict, model: dict) -> dict[str, np.ndarray]:
+    """Decode, convert channels, resize and validate; emits raw (C, H, W) uint8 bytes per row."""
+    images = _images_of(batch, model["image_size"], model["channels"]).numpy()
+    keys = np.asarray(batch["key"], np.int64) if "key" in batch else \
+        np.array([zlib.crc32(img.tobytes()) for img in images], np.int64)  # content hash when the source has no ids
+    labels = np.asarray(batch["label"], np.int64) if "label" in batch else np.full(len(images), -1, np.int64)
+    return {"image": np.array([img.tobytes() for img in images], dtype=object), "label": labels, "key": keys,
+            "split": _split_of(keys, batch.get("is_test"), DataConfig(**data))}
+
+
+# -- the step --------------------------------------------------------------------------------------
+
+
+def run(cfg: DataConfig, model: ModelConfig, out_dir: Path) -> dict[str, Any]:
+    """Write the Parquet shards and manifest into ``out_dir`` (a temporary folder the caller renames)."""
+    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
+    reader = {"idx": lambda: _read_idx(cfg), "images": lambda: _read_images(cfg, model),
+              "parquet": lambda: _read_parquet(cfg)}[fmt]
+    ds, classes = reader()  # [1] read the source as a lazy Ray Dataset
+    ds = ds.map_batches(transform_batch, batch_format="numpy", batch_size=1024,  # [2] decode/resize/validate
+                        fn_kwargs={"data": dataclasses.asdict(cfg), "model": {"image_size": model.image_size,
+                                                                    "channels": model.channels}})
+    # [3] stream to Parquet, one folder per split
+    ds.write_parquet(str(out_dir), partition_cols=["split"], min_rows_per_file=cfg.rows_per_file)
+    manifest = build_manifest(out_dir, fmt, cfg, model, classes)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def build_manifest(out_dir: Path, fmt: str, cfg: DataConfig, model: ModelConfig, classes: list[str]) -> dict:
+    """Counts, shape, fingerprint and per-channel statistics, read back file by file (bounded memory)."""
+    shape = [model.channels, model.image_size, model.image_size]
+    counts, digests = {}, []
+    total = np.zeros(model.channels)
+    total_sq = np.zeros(model.channels)
+    for split in SPLITS:
+        files = sorted((out_dir / f"split={split}").glob("*.parquet"))
+        counts[split] = 0
+        row_hashes = []
+        for file in files:
+            table = pq.read_table(file, columns=["image", "key"])
+            images = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *shape)
+            counts[split] += len(images)
+            pixels = images.astype(np.float64) / 255.0
+            total += pixels.sum(axis=(0, 2, 3))
+            total_sq += (pixels**2).sum(axis=(0, 2, 3))
+            row_hashes += [f"{k}:{zlib.crc32(img.tobytes())}" for k, img in zip(table.column("key").to_pylist(), images)]
+        digests.append(hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest())
+        if counts[split] == 0:
+            raise PreprocessError(f"split '{split}' is empty after preprocessing {cfg.source or 'Fashion-MNIST'} "
+                                  f"({sum(counts.values())} rows so far); use more data or larger "
+                                  "data.val_fraction / data.test_fraction")
+    n_pixels = sum(counts.values()) * model.image_size**2
+    mean = total / n_pixels
+    return {
+        "format": fmt, "source": cfg.source or "fashion-mnist", "image_shape": shape, "counts": counts,
+        "classes": classes, "fingerprint": hashlib.sha256("".join(digests).encode()).hexdigest()[:16],
+        "channel_mean": mean.tolist(), "channel_std": np.sqrt(total_sq / n_pixels - mean**2).tolist(),
+    }
+
+
+def read_split(split_dir: Path, shape: list[int], limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A split as in-memory arrays, uint8 (N, C, H, W) and int64 (N,), for evaluation-sized reads."""
+    images, labels, n = [], [], 0
+    for file in sorted(split_dir.glob("*.parquet")):
+        table = pq.read_table(file, columns=["image", "label"])
+        images.append(np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *shape))
+        labels.append(table.column("label").to_numpy())
+        n += len(labels[-1])
+        if limit and n >= limit:
+            break
+    images_arr, labels_arr = np.concatenate(images), np.concatenate(labels)
+    return (images_arr[:limit], labels_arr[:limit]) if limit else (images_arr, labels_arr)

@@ -1,0 +1,90 @@
+"""DAG step 5, register (MLflow Model Registry): log the chosen checkpoint as a pickle-free pyfunc,
+register a version, and move the alias only when the new version beats the current holder.
+
+Inputs:  the train step's checkpoint and MLflow run, the evaluate step's test metrics.
+Outputs: ``registration.json``: model name, version, URI and whether the alias moved (and why).
+The comparison uses the test domain FID on the same data fingerprint; a champion scored on other
+data is not comparable, so the alias stays where it is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+import vaegan
+
+from .config import RegisterConfig
+
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "deploy" / "pyfunc_model.py"
+SCORE_TAG, FINGERPRINT_TAG = "test_fid", "data_fingerprint"
+
+
+def signature(image_shape: list[int]) -> ModelSignature:
+    """Tensor in, tensor out; the params pick the mode."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]),
+        params=ParamSchema([ParamSpec("mode", "string", "sample"), ParamSpec("num_samples", "long", 16),
+                            ParamSpec("seed", "long", 0)]))
+
+
+def requirements() -> list[str]:
+    import scipy
+    import torch
+    import torchvision
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"scipy=={scipy.__version__}", f"mlflow=={mlflow.__version__}", "numpy"]
+
+
+def log_pyfunc(uri: str, run_id: str, checkpoint: Path, image_shape: list[int]) -> str:
+    """Log the pyfunc into ``run_id``; returns its model URI."""
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(vaegan.__file__).parent)], signature=signature(image_shape),
+            pip_requirements=requirements())
+    return info.model_uri
+
+
+def champion(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def alias_decision(current, score: float, fingerprint: str) -> tuple[bool, str]:
+    """Whether a new version with ``score`` (lower is better) on ``fingerprint`` should take the alias."""
+    if current is None:
+        return True, "no current holder"
+    if current.tags.get(FINGERPRINT_TAG) != fingerprint:
+        return False, f"holder v{current.version} was scored on other data ({current.tags.get(FINGERPRINT_TAG)})"
+    held = float(current.tags.get(SCORE_TAG, "inf"))
+    if score < held:
+        return True, f"test FID {score:.4f} beats holder v{current.version}'s {held:.4f}"
+    return False, f"test FID {score:.4f} does not beat holder v{current.version}'s {held:.4f}"
+
+
+def register(cfg: RegisterConfig, uri: str, *, run_id: str, checkpoint: Path, metrics: dict[str, float],
+             feature_net: str, fingerprint: str, image_shape: list[int]) -> dict[str, Any]:
+    client = MlflowClient(uri)
+    model_uri = log_pyfunc(uri, run_id, checkpoint, image_shape)
+    version = mlflow.register_model(model_uri, cfg.model_name, tags={
+        SCORE_TAG: str(metrics["fid"]), FINGERPRINT_TAG: fingerprint, "feature_net": feature_net})
+    # Registration is complete once its artifacts are uploaded; only then may the alias point at it.
+    move, reason = alias_decision(champion(client, cfg.model_name, cfg.alias), metrics["fid"], fingerprint)
+    if move:
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
+    print(f"[register] {cfg.model_name} v{version.version}: alias '{cfg.alias}' "
+          f"{'moved' if move else 'kept'} ({reason})", flush=True)
+    return {"model_name": cfg.model_name, "model_version": int(version.version), "alias": cfg.alias,
+            "alias_moved": move, "alias_reason": reason,
+            "model_uri": f"models:/{cfg.model_name}@{cfg.alias}" if move
+            else f"models:/{cfg.model_name}/{version.version}"}

@@ -1,0 +1,159 @@
+"""The five DAG steps. Each takes (config, run context, upstream results, output folder, cache key)
+and returns a JSON-able dict of outputs; files go into the output folder, named relative to it.
+
+The DAG (``dag.py``) decides whether a step runs at all; these functions only do the work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import save_image
+
+from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vaegan.config import from_dict
+from vaegan.evaluate import evaluate_model
+from vaegan.featnet import feature_net_path, load_feature_net, load_or_train_feature_net
+from vaegan.inference import GenerativeModel
+
+from . import preprocess as preprocess_step
+from . import registry, sweep, tracking
+from . import train as train_step
+from .config import PipelineConfig, flatten, merge
+
+
+def _pre(ups: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    return Path(ups["preprocess"]["dir"]), ups["preprocess"]["outputs"]["manifest"]
+
+
+def feature_net(cfg: PipelineConfig, ups: dict[str, Any]) -> tuple[Path, str]:
+    """The domain feature net for this dataset: trained on its train split once, cached by fingerprint."""
+    pre_dir, manifest = _pre(ups)
+    cache = Path(cfg.data.data_dir) / "featnets"
+    fingerprint = manifest["fingerprint"]
+    shape = manifest["image_shape"]
+    images, labels = preprocess_step.read_split(pre_dir / "split=train", shape)
+    labelled = bool(manifest["classes"]) and (labels >= 0).all()
+    test_images, test_labels = preprocess_step.read_split(pre_dir / "split=test", shape)
+    _, name = load_or_train_feature_net(
+        cache, fingerprint, torch.from_numpy(images), torch.from_numpy(labels) if labelled else None,
+        num_classes=max(len(manifest["classes"]), 1), test_images=torch.from_numpy(test_images),
+        test_labels=torch.from_numpy(test_labels), epochs=cfg.eval.featnet_epochs,
+        log=lambda line: print(f"[featnet] {line}", flush=True))
+    return feature_net_path(cache, fingerprint), name
+
+
+def preprocess(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
+    manifest = preprocess_step.run(cfg.data, cfg.model, out)
+    print(f"[preprocess] {manifest['counts']} images of shape {manifest['image_shape']}, "
+          f"fingerprint {manifest['fingerprint']}", flush=True)
+    return {"manifest": manifest}
+
+
+def tune(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
+    if not cfg.tune.enabled:
+        return {"enabled": False, "overrides": {}}
+    pre_dir, manifest = _pre(ups)
+    featnet_path, _ = feature_net(cfg, ups)
+    return {"enabled": True, **sweep.run(cfg, ctx, pre_dir, manifest, featnet_path, out, key)}
+
+
+def tuned_config(cfg: PipelineConfig, ups: dict[str, Any]) -> PipelineConfig:
+    """The config with the tune step's best overrides applied."""
+    overrides = ups["tune"]["outputs"]["overrides"] if "tune" in ups else {}
+    return from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), overrides))
+
+
+def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
+    cfg = tuned_config(cfg, ups)
+    pre_dir, manifest = _pre(ups)
+    featnet_path, _ = feature_net(cfg, ups)
+    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"train-{key}", ctx.parent_run_id,
+                                params=flatten(dataclasses.asdict(cfg)))
+    try:
+        result = train_step.fit(cfg, pre_dir, manifest["image_shape"], featnet_path, name=f"train-{key}",
+                                storage=Path(ctx.run_dir).resolve() / "ray", tracking_uri=ctx.tracking_uri,
+                                mlflow_run_id=run_id)
+    except BaseException:
+        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
+        raise
+    state = load_checkpoint(train_step.best_checkpoint_path(result, out))
+    history = json.loads(state["history"])
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    pngs = write_grids(GenerativeModel.from_checkpoint(state), pre_dir, manifest, out)
+    tracking.log_artifacts(ctx.tracking_uri, run_id, [*pngs, out / "history.json"])
+    tracking.end_run(ctx.tracking_uri, run_id)
+    return {"checkpoint": CHECKPOINT_NAME, "mlflow_run_id": run_id, "best_epoch": int(state["epoch"]),
+            "epochs_run": len(history), "val_fid": history[int(state["epoch"]) - 1].get(train_step.SCORE),
+            "config": dataclasses.asdict(cfg)}
+
+
+def write_grids(model: GenerativeModel, pre_dir: Path, manifest: dict, out: Path, seed: int = 0) -> list[Path]:
+    """samples.png (8x8 prior samples), reconstructions.png (originals and reconstructions side by side)
+    and interpolation.png (a latent walk between two test images)."""
+    images, _ = preprocess_step.read_split(pre_dir / "split=test", manifest["image_shape"], limit=32)
+    originals = torch.from_numpy(images).float() / 255.0
+    pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (64, C, H, W)
+    save_image(model.sample(64, seed=seed), out / "samples.png", nrow=8)
+    save_image(pairs, out / "reconstructions.png", nrow=8)
+    save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
+    return [out / "samples.png", out / "reconstructions.png", out / "interpolation.png"]
+
+
+def score_checkpoint(cfg: PipelineConfig, state: dict, pre_dir: Path, manifest: dict,
+                     featnet_path: Path) -> dict[str, float]:
+    images, _ = preprocess_step.read_split(pre_dir / "split=test", manifest["image_shape"], limit=cfg.eval.num_images)
+    return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(featnet_path),
+                          torch.from_numpy(images).float() / 255.0, iwae_k=cfg.eval.iwae_k,
+                          iwae_images=cfg.eval.iwae_images, seed=cfg.train.seed)
+
+
+def evaluate(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
+    pre_dir, manifest = _pre(ups)
+    featnet_path, featnet_name = feature_net(cfg, ups)
+    train_dir = Path(ups["train"]["dir"])
+    trained_cfg = from_dict(PipelineConfig, ups["train"]["outputs"]["config"])
+    scores = score_checkpoint(cfg, load_checkpoint(train_dir / CHECKPOINT_NAME), pre_dir, manifest, featnet_path)
+    outputs: dict[str, Any] = {"metrics": scores, "feature_net": featnet_name, "num_images": cfg.eval.num_images}
+    if cfg.eval.baseline_vae:
+        outputs["baseline_vae"] = baseline_vae(trained_cfg, ctx, pre_dir, manifest, featnet_path, key)
+    print(f"[evaluate] test metrics ({featnet_name}): "
+          + " ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
+    (out / "metrics.json").write_text(json.dumps(outputs, indent=2))
+    tracking.log_metrics(ctx.tracking_uri, ctx.parent_run_id, {f"test/{k}": v for k, v in scores.items()})
+    tracking.log_artifacts(ctx.tracking_uri, ctx.parent_run_id, [out / "metrics.json"], "evaluate")
+    return outputs
+
+
+def baseline_vae(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: Path,
+                 key: str) -> dict[str, float]:
+    """The plain VAE with the same encoder/decoder, data and budget, scored the same way."""
+    vae_cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), {"model": {"kind": "vae"}}))
+    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"baseline-vae-{key}", ctx.parent_run_id,
+                                params=flatten(dataclasses.asdict(vae_cfg)))
+    try:
+        result = train_step.fit(vae_cfg, pre_dir, manifest["image_shape"], featnet_path,
+                                name=f"baseline-vae-{key}", storage=Path(ctx.run_dir).resolve() / "ray",
+                                tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
+    except BaseException:
+        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
+        raise
+    with (result.get_best_checkpoint(metric=train_step.SCORE, mode="min") or result.checkpoint).as_directory() as d:
+        state = load_checkpoint(Path(d) / CHECKPOINT_NAME)
+    scores = score_checkpoint(cfg, state, pre_dir, manifest, featnet_path)
+    tracking.log_metrics(ctx.tracking_uri, run_id, {f"test/{k}": v for k, v in scores.items()})
+    tracking.end_run(ctx.tracking_uri, run_id)
+    return scores
+
+
+def register(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
+    _, manifest = _pre(ups)
+    train_out = ups["train"]["outputs"]
+    return registry.register(cfg.register, ctx.tracking_uri, run_id=train_out["mlflow_run_id"],
+                             checkpoint=Path(ups["train"]["dir"]) / train_out["checkpoint"],
+                             metrics=ups["evaluate"]["outputs"]["metrics"],
+                             feature_net=ups["evaluate"]["outputs"]["feature_net"],
+                             fingerprint=manifest["fingerprint"], image_shape=manifest["image_shape"])

@@ -1,0 +1,254 @@
+"""DAG step 3, train (Ray Train): DDP training of the VAE-GAN over the Parquet shards.
+
+Inputs:  the preprocess step's folder (``split=train`` shards, ``split=val``, manifest), the
+         feature net for the per-epoch FID, and the resolved config (tune's best overrides applied).
+Outputs: ``checkpoint.pt`` (the best checkpoint by validation FID), ``history.json`` (per-epoch
+         metrics), ``samples.png`` and ``reconstructions.png`` of the final epoch.
+Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess,train``
+
+Tune trials reuse ``fit`` with a smaller budget, so a trial is a real Ray Train run too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.utils import save_image
+
+from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from vaegan.config import from_dict
+from vaegan.evaluate import sample_quality
+from vaegan.featnet import load_feature_net
+from vaegan.inference import GenerativeModel
+from vaegan.loop import epoch_log_line, train_epoch
+from vaegan import metrics
+from vaegan.nets import build_nets
+from vaegan.step import VAEGANTrainer
+
+from .config import PipelineConfig
+from .preprocess import read_split
+
+SCORE = "val/fid"  # lower is better; the one metric that picks checkpoints, trials and champions
+log = logging.getLogger("vaegan.train")
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """Everything a worker needs, sent across the Ray boundary as a plain dict."""
+
+    config: dict[str, Any]
+    data_dir: str
+    image_shape: list[int]
+    featnet_path: str
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""
+
+
+# -- worker side -----------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
+    job = TrainJob(**job_dict)
+    cfg = from_dict(PipelineConfig, job.config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    enc, dec, dis = (m.to(device) if m is not None else None for m in build_nets(cfg.model))
+    if world > 1:  # [2] wrap each network in its own DDP, as stylegan2-ada does
+        enc, dec, dis = (_ddp(m, device) for m in (enc, dec, dis))
+    trainer = VAEGANTrainer(cfg.core(), enc, dec, dis)
+    start_epoch, history = _resume(trainer)
+    torch.manual_seed(cfg.train.seed + 1000 * rank + start_epoch)  # different noise per rank
+    validation = _Validation(job, cfg)
+    tracker = _Tracker(job, rank)
+    tracker.log_nodes(_gather_node_ids(world))
+    shard = ray.train.get_dataset_shard("train")  # [1] this worker's stream of the train split
+    best = min((h[SCORE] for h in history), default=float("inf"))
+    stale = 0
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        batches = (_as_images(b["image"], job.image_shape, device)
+                   for b in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                                     dtypes=None, collate_fn=_collate_bytes))
+        summary = train_epoch(trainer, batches)
+        summary["images_per_s"] *= world  # the epoch's global throughput
+        val = validation.run(trainer, epoch)
+        summary.update(val)
+        summary["epoch"] = float(epoch)
+        history.append(summary)
+        improved = val[SCORE] < best
+        best, stale = (val[SCORE], 0) if improved else (best, stale + 1)
+        stop = cfg.train.patience > 0 and stale >= cfg.train.patience
+        if rank == 0:
+            print(f"[train] {epoch_log_line(epoch, summary, {k: v for k, v in val.items() if k != 'val/kid_std'})}",
+                  flush=True)
+        tracker.log_epoch(summary, epoch, validation.grids(trainer, epoch) if rank == 0 else [])
+        checkpoint_now = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs or stop
+        _report(trainer, summary, history, epoch, rank, checkpoint_now)  # [3] report (+ checkpoint)
+        if stop:
+            if rank == 0:
+                print(f"[train] early stop at epoch {epoch}: {SCORE} did not improve for {stale} epochs", flush=True)
+            break
+
+
+def _ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
+    if module is None:
+        return None
+    # broadcast_buffers=False: spectral norm's power-iteration vectors are updated in every forward,
+    # and re-broadcasting them mid-step would clobber tensors that autograd still needs.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _collate_bytes(batch: dict[str, Any]) -> dict[str, Any]:
+    return {"image": batch["image"]}
+
+
+def _as_images(column: Any, shape: list[int], device: torch.device) -> torch.Tensor:
+    """A column of raw uint8 (C, H, W) bytes -> float32 (B, C, H, W) in [0, 1] on ``device``."""
+    raw = b"".join(bytes(v) for v in column)
+    images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, *shape)
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def _resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, []
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
+    trainer.load_state_dict(state)
+    history = json.loads(state["history"])
+    print(f"[train] resumed from epoch {state['epoch']} (step {state['step']})", flush=True)
+    return int(state["epoch"]) + 1, history
+
+
+def _gather_node_ids(world: int) -> list[str]:
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _report(trainer: VAEGANTrainer, summary: dict[str, float], history: list[dict[str, float]], epoch: int,
+            rank: int, checkpoint_now: bool) -> None:
+    """Every rank reports once per epoch; only rank 0 attaches the checkpoint."""
+    if not (checkpoint_now and rank == 0):
+        ray.train.report(summary)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        extra = {"epoch": epoch, "history": json.dumps(history)}
+        save_checkpoint(Path(folder) / CHECKPOINT_NAME, trainer, extra=extra)
+        ray.train.report(summary, checkpoint=Checkpoint.from_directory(folder))
+
+
+class _Validation:
+    """Per-epoch held-out figures: ELBO on validation images and a small-sample domain FID."""
+
+    def __init__(self, job: TrainJob, cfg: PipelineConfig):
+        images, _ = read_split(Path(job.data_dir) / "split=val", job.image_shape, limit=cfg.train.val_images)
+        self.images = torch.from_numpy(images).float() / 255.0
+        self.featnet = load_feature_net(job.featnet_path)
+        self.seed = cfg.train.seed
+
+    def model(self, trainer: VAEGANTrainer) -> GenerativeModel:
+        return GenerativeModel.from_checkpoint({**trainer.state_dict(), "config": dataclasses.asdict(trainer.cfg)})
+
+    def run(self, trainer: VAEGANTrainer, epoch: int) -> dict[str, float]:
+        model = self.model(trainer)
+        generator = torch.Generator().manual_seed(self.seed)
+        elbo = metrics.elbo(model.enc, model.dec, self.images, generator=generator).mean().item()
+        quality = sample_quality(self.featnet, self.images, model.sample(len(self.images), seed=self.seed))
+        return {"val/elbo": elbo, **{f"val/{k}": v for k, v in quality.items()}}
+
+    def grids(self, trainer: VAEGANTrainer, epoch: int) -> list[Path]:
+        """Sample and reconstruction grids as PNGs in a temporary folder (logged, then deleted)."""
+        model = self.model(trainer)
+        folder = Path(tempfile.mkdtemp(prefix="vaegan-grids-"))
+        originals = self.images[:32]
+        pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (64, C, H, W)
+        save_image(model.sample(64, seed=self.seed), folder / "samples.png", nrow=8)
+        save_image(pairs, folder / "reconstructions.png", nrow=8)
+        return [folder / "samples.png", folder / "reconstructions.png"]
+
+
+class _Tracker:
+    """MLflow logging from world rank 0 only, into the run the driver created."""
+
+    def __init__(self, job: TrainJob, rank: int):
+        self.enabled = rank == 0 and bool(job.mlflow_run_id)
+        self.run_id = job.mlflow_run_id
+        self.client = MlflowClient(job.tracking_uri) if self.enabled else None
+
+    def log_nodes(self, nodes: list[str]) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, "train.node_ids", ",".join(nodes))
+            self.client.log_param(self.run_id, "train.num_nodes", len(set(nodes)))
+
+    def log_epoch(self, summary: dict[str, float], epoch: int, pngs: list[Path]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in summary.items()])
+        for png in pngs:
+            self.client.log_artifact(self.run_id, str(png), artifact_path=f"epoch_{epoch:03d}")
+            os.unlink(png)
+
+
+# -- driver side -----------------------------------------------------------------------------------
+
+
+def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_path: Path, *, name: str,
+        storage: Path, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
+        callbacks: list | None = None) -> ray.train.Result:
+    """One Ray Train run; rerunning with the same ``name`` and ``storage`` resumes from its latest checkpoint."""
+    dataset = ray.data.read_parquet(str(data_dir / "split=train"), columns=["image"])
+    if train_limit:
+        dataset = dataset.limit(train_limit)
+    if cfg.train.num_workers >= ray.cluster_resources().get("CPU", 0) and not cfg.train.use_gpu:
+        # The workers would hold every CPU and Ray Data's read tasks could never run: read it all up front
+        # (the object store spills to disk beyond memory) rather than deadlock mid-stream.
+        dataset = dataset.materialize()
+    job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
+                   featnet_path=str(featnet_path), tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(job),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage), callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def best_checkpoint_path(result: ray.train.Result, out_dir: Path) -> Path:
+    """Copy the best checkpoint by validation FID out of Ray's storage into ``out_dir``."""
+    checkpoint = result.get_best_checkpoint(metric=SCORE, mode="min") or result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"training run {result.path} finished without a checkpoint: {result.error}")
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
+    target = out_dir / CHECKPOINT_NAME
+    torch.save(state, target)
+    return target

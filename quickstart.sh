@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One script, two verbs, each doing its own set-up on a fresh Debian/Ubuntu machine (Python 3.10+):
+#   ./quickstart.sh job    run the main job: the pipeline on full Fashion-MNIST (pipelines/configs/default.yaml)
+#   ./quickstart.sh test   run the test suite
+# Set-up: a virtualenv in .venv, `pip install -e .[dev]`, and Debian's dataset-fashion-mnist package
+# (installed with apt when missing and we are root or have sudo; otherwise torchvision's download is tried).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c "import vaegan, ray, mlflow, torchvision, pytest" 2>/dev/null; then
+    "$VENV/bin/pip" install --quiet --upgrade pip
+    "$VENV/bin/pip" install --quiet -e ".[dev]"
+  fi
+}
+
+ensure_dataset() {
+  [ -d /usr/share/datasets/fashion-mnist ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo="sudo -n"
+  if [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; then
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+      || echo "note: could not install dataset-fashion-mnist with apt; torchvision's download will be tried" >&2
+  fi
+}
+
+case "${1:-}" in
+  job)
+    ensure_venv; ensure_dataset
+    shift
+    exec "$VENV/bin/vaegan" run --config pipelines/configs/default.yaml "$@"
+    ;;
+  test)
+    ensure_venv; ensure_dataset
+    shift
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: $0 job|test [extra arguments]" >&2
+    exit 2
+    ;;
+esac
