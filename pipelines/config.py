@@ -32,7 +32,7 @@ class DataConfig:
     limit: int = 0  # keep only the first N source images (0 keeps all); for smoke runs
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # IDX sources keep their own test file instead
-    rows_per_file: int = 10000
+    rows_per_file: int = 10000  # most rows in one Parquet file
     seed: int = 0
 
     def validate(self) -> None:
@@ -41,6 +41,9 @@ class DataConfig:
             value = getattr(self, key)
             _require(0 < value < 0.5, f"data.{key}", value, "a fraction in (0, 0.5)")
         _require(self.rows_per_file > 0, "data.rows_per_file", self.rows_per_file, "a positive integer")
+        if self.source and not Path(self.source).exists():
+            raise ConfigError(f"config key 'data.source' points to {self.source!r}, which does not exist; allowed: "
+                              "an IDX folder, an image folder, a Parquet file or folder, or \"\" for Fashion-MNIST")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 
 from vaegan import data as vdata
 
-from vaegan.config import ConfigError, ModelConfig
+from vaegan.config import ModelConfig
 
 from .config import DataConfig
 
@@ -47,8 +47,6 @@ def detect_format(source: str) -> str:
     path = Path(source)
     if not source:
         return "idx"
-    if not path.exists():
-        raise ConfigError(f"config key 'data.source' points to {source!r}, which does not exist")
     if path.is_file() or any(path.rglob("*.parquet")):
         return "parquet"
     if any(path.glob("*-idx3-ubyte*")):
@@ -186,7 +184,7 @@ def run(cfg: DataConfig, model: ModelConfig, out_dir: Path) -> dict[str, Any]:
                         fn_kwargs={"data": dataclasses.asdict(cfg), "model": {"image_size": model.image_size,
                                                                     "channels": model.channels}})
     # [3] stream to Parquet, one folder per split
-    ds.write_parquet(str(out_dir), partition_cols=["split"], min_rows_per_file=cfg.rows_per_file)
+    ds.write_parquet(str(out_dir), partition_cols=["split"], max_rows_per_file=cfg.rows_per_file)
     manifest = build_manifest(out_dir, fmt, cfg, model, classes)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

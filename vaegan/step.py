@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from . import losses
 from .config import OptimConfig, VAEGANConfig
@@ -68,6 +68,19 @@ def mean_across_workers(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def warmup_ema(decay: float):
+    """An AveragedModel update whose decay ramps up as min(decay, (1 + n) / (10 + n)) over n updates
+    (TensorFlow's ExponentialMovingAverage with num_updates): without it, a 0.999 EMA stays close to
+    the random initial weights for the first few thousand steps, and early samples are noise."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
+
+
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(unwrap(module).parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
@@ -87,7 +100,7 @@ class VAEGANTrainer:
         self.opt_dec = make_optimizer(dec, cfg.opt_dec)
         self.opt_dis = make_optimizer(dis, cfg.opt_dis) if dis is not None else None
         decay = cfg.train.ema_decay
-        self.dec_ema = (AveragedModel(unwrap(dec), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.dec_ema = (AveragedModel(unwrap(dec), multi_avg_fn=warmup_ema(decay), use_buffers=True)
                         if decay > 0 else None)
         self.step = 0
         self.bad_steps = 0  # consecutive non-finite steps

@@ -1,0 +1,334 @@
+"""Preprocess memory: ``pipelines.preprocess.run`` streams a dataset several times the object store.
+
+Generates (once, cached under ``--work-dir``) a Parquet source of ``--n`` procedural 64 px RGB
+images (``vaegan.data.make_shapes``) stored as encoded PNG bytes in column ``image`` plus
+``label``, starts a local Ray cluster with a deliberately small object store
+(``--object-store-mb``, default 128 MiB), runs the preprocess step on it and samples, every
+``--interval`` seconds, the summed RSS of the driver and of every process of that Ray cluster
+(the driver's descendants: gcs_server, raylet, workers, ...) and the raylet's object-store stats.
+The default ``--n 40000`` decodes to 40000*3*64*64 B = 469 MiB, ~3.7x the 128 MiB object store.
+
+Run it from the repository root (prefix PYTHONPATH=. where the package is not installed):
+    python benchmarks/preprocess_memory.py                 # full size, ~4x the object store
+    python benchmarks/preprocess_memory.py --quick         # 2000 images, for tests
+Results go to benchmarks/results/preprocess_memory.json (``--quick``: preprocess_memory_quick.json;
+``--out`` to change). The source stays cached in --work-dir (default /tmp/vaegan-bench); the
+preprocess output is deleted afterwards unless ``--keep-output``.
+
+"peak_rss_mb" sums RSS over processes, so pages of the shared-memory object store mapped by
+several processes are counted once per process (an upper bound); "peak_private_mb" sums RSS minus
+shared pages (a lower bound on the pipeline's own heap). Both include the driver, which runs the
+Ray Data executor and then builds the manifest (phase "manifest", timed separately).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray  # puts ray/thirdparty_files (which holds psutil) on sys.path
+import ray.data
+
+try:
+    import psutil
+except ImportError as err:  # ray[default] vendors psutil in ray/thirdparty_files
+    raise SystemExit(f"psutil is not importable ({err}); install ray[default] or psutil") from err
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines import preprocess  # noqa: E402
+from pipelines.config import DataConfig  # noqa: E402
+from vaegan.config import ModelConfig  # noqa: E402
+from vaegan.data import make_shapes  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1024 * 1024
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=40000, help="source images (default 40000: 469 MiB decoded)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--object-store-mb", type=int, default=128, help="Ray object store, MiB")
+    p.add_argument("--rows-per-file", type=int, default=DataConfig.rows_per_file,
+                   help="data.rows_per_file of the preprocess output (default: DataConfig's)")
+    p.add_argument("--source-rows-per-file", type=int, default=2000, help="rows per generated source Parquet file")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/vaegan-bench"),
+                   help="cache of the generated source and scratch for the output")
+    p.add_argument("--interval", type=float, default=0.2, help="sampling period, seconds")
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    p.add_argument("--quick", action="store_true", help="2000 images (smoke run for tests)")
+    p.add_argument("--keep-output", action="store_true", help="keep the preprocess output folder")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.n = 2000
+        args.rows_per_file = min(args.rows_per_file, 500)
+        args.source_rows_per_file = min(args.source_rows_per_file, 500)
+    args.out = args.out or RESULTS / ("preprocess_memory_quick.json" if args.quick else "preprocess_memory.json")
+    return args
+
+
+# -- the source dataset ------------------------------------------------------------------------------
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def make_source(work_dir: Path, n: int, size: int, rows_per_file: int) -> tuple[Path, dict]:
+    """The cached Parquet source (``image`` PNG bytes, ``label`` int64) and its description."""
+    name = f"shapes-{size}px-rgb-n{n}-r{rows_per_file}"
+    folder, meta_file = work_dir / name, work_dir / f"{name}.json"  # the JSON sits beside, not inside
+    if folder.is_dir() and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        meta["cached"] = True
+        return folder, meta
+    partial = work_dir / f"{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    start, encoded = time.perf_counter(), 0
+    for i, first in enumerate(range(0, n, rows_per_file)):  # one chunk in memory at a time
+        count = min(rows_per_file, n - first)
+        images, labels = make_shapes(count, size, channels=3, seed=i)
+        pngs = []
+        for img in images.permute(0, 2, 3, 1).numpy():  # (C, H, W) -> (H, W, C) for PIL
+            buf = io.BytesIO()
+            Image.fromarray(img, "RGB").save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        encoded += sum(map(len, pngs))
+        table = pa.table({"image": pa.array(pngs, pa.binary()), "label": pa.array(labels.numpy(), pa.int64())})
+        pq.write_table(table, partial / f"part-{i:05d}.parquet")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    meta = {"path": str(folder), "n": n, "image_shape": [3, size, size], "files": len(list(folder.glob("*.parquet"))),
+            "rows_per_file": rows_per_file, "encoding": "png", "encoded_bytes": encoded,
+            "on_disk_bytes": _dir_bytes(folder), "decoded_bytes": n * 3 * size * size,
+            "generate_seconds": round(time.perf_counter() - start, 2)}
+    meta_file.write_text(json.dumps(meta, indent=2))
+    meta["cached"] = False
+    return folder, meta
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+class Sampler(threading.Thread):
+    """Every ``interval`` s: summed RSS (and RSS - shared) of the driver and this Ray cluster's
+    processes, the raylet's object-store usage, and the phase the run is in."""
+
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.driver = psutil.Process()
+        self.stop_event = threading.Event()
+        self.phase = "setup"
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.samples = 0
+        self.max_processes = 0
+        self.store_error: str | None = None
+        self.roots: list[psutil.Process] = []  # this cluster's daemons, in case one is not our descendant
+        self.raylet: tuple[str, int] | None = None
+
+    def attach(self) -> None:
+        """Find this cluster's raylet (for store stats) and its processes by session dir."""
+        node = ray.nodes()[0]
+        self.raylet = (node["NodeManagerAddress"], node["NodeManagerPort"])
+        session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if session in cmd and any(k in cmd for k in ("raylet", "gcs_server", "ray::")):
+                self.roots.append(proc)
+
+    def processes(self) -> list[psutil.Process]:
+        found = {self.driver.pid: self.driver}
+        for root in [self.driver, *self.roots]:
+            try:
+                found[root.pid] = root
+                found.update((c.pid, c) for c in root.children(recursive=True))
+            except psutil.Error:
+                continue
+        return list(found.values())
+
+    def store_used(self) -> dict[str, float] | None:
+        if self.raylet is None or self.store_error:
+            return None
+        try:
+            from ray._private.internal_api import node_stats
+            s = node_stats(*self.raylet, include_memory_info=False).store_stats
+        except Exception as err:  # noqa: BLE001 - a private API: report, don't fail the run
+            self.store_error = f"{type(err).__name__}: {err}"
+            return None
+        return {"store_used_mb": s.object_store_bytes_used / MiB, "store_fallback_mb": s.object_store_bytes_fallback / MiB,
+                "spilled_mb": s.spilled_bytes_total / MiB, "restored_mb": s.restored_bytes_total / MiB}
+
+    def sample(self) -> None:
+        rss = private = 0
+        procs = self.processes()
+        for proc in procs:
+            try:
+                mem = proc.memory_info()
+            except psutil.Error:
+                continue
+            rss += mem.rss
+            private += mem.rss - getattr(mem, "shared", 0)
+        values = {"rss_mb": rss / MiB, "private_mb": private / MiB, "driver_rss_mb": self.driver.memory_info().rss / MiB}
+        values.update(self.store_used() or {})
+        for phase in (self.phase, "total"):
+            peak = self.peaks.setdefault(phase, {})
+            for key, value in values.items():
+                peak[key] = max(peak.get(key, 0.0), value)
+        self.samples += 1
+        self.max_processes = max(self.max_processes, len(procs))
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.interval)
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join()
+        self.sample()
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    vm = psutil.virtual_memory()
+    return {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "memory_gb": round(vm.total / 2**30, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "ray": ray.__version__, "pyarrow": pa.__version__}
+
+
+def main() -> None:
+    args = parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] source: {args.n} images, {args.image_size} px RGB PNG, in {args.work_dir}", flush=True)
+    source, dataset = make_source(args.work_dir, args.n, args.image_size, args.source_rows_per_file)
+    print(f"[bench] source {'cached' if dataset['cached'] else 'generated'}: {dataset['files']} files, "
+          f"{dataset['on_disk_bytes'] / MiB:.1f} MiB on disk, {dataset['decoded_bytes'] / MiB:.1f} MiB decoded", flush=True)
+
+    out_dir = args.work_dir / f"out-{os.getpid()}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    data_cfg = DataConfig(source=str(source), rows_per_file=args.rows_per_file)
+    data_cfg.validate()
+    model_cfg = ModelConfig(image_size=args.image_size, channels=3)
+
+    sampler = Sampler(args.interval)
+    baseline_mb = sampler.driver.memory_info().rss / MiB
+    sampler.start()
+    ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MiB,
+             include_dashboard=False, log_to_driver=True)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        sampler.attach()
+
+        times: dict[str, float] = {}
+        real_build_manifest = preprocess.build_manifest
+
+        def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
+            times["manifest_start"] = time.perf_counter()
+            sampler.phase = "manifest"
+            return real_build_manifest(*a, **kw)
+
+        preprocess.build_manifest = timed_build_manifest
+        sampler.phase = "ray_data"
+        start = time.perf_counter()
+        try:
+            manifest = preprocess.run(data_cfg, model_cfg, out_dir)
+        finally:
+            preprocess.build_manifest = real_build_manifest
+        seconds = time.perf_counter() - start
+        sampler.finish()
+    finally:
+        ray.shutdown()
+
+    rows = sum(manifest["counts"].values())
+    if rows != args.n:
+        raise SystemExit(f"[bench] preprocess wrote {rows} rows, expected {args.n}: {manifest['counts']}")
+    out_files = sorted(out_dir.rglob("*.parquet"))
+    output = {"rows": rows, "counts": manifest["counts"], "files": len(out_files),
+              "on_disk_bytes": _dir_bytes(out_dir), "largest_file_rows": max(pq.ParquetFile(f).metadata.num_rows
+                                                                            for f in out_files)}
+    if not args.keep_output:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    ray_data_s = times.get("manifest_start", start + seconds) - start
+    total, phases = sampler.peaks["total"], sampler.peaks
+    decoded_mb = dataset["decoded_bytes"] / MiB
+    r = lambda x, d=1: None if x is None else round(x, d)  # noqa: E731
+    result = {
+        "machine": machine(),
+        "dataset": {k: v for k, v in dataset.items()},
+        "object_store_mb": args.object_store_mb,
+        "num_cpus": args.num_cpus,
+        "rows_per_file": args.rows_per_file,
+        "seconds": r(seconds, 2),
+        "ray_data_seconds": r(ray_data_s, 2),
+        "manifest_seconds": r(seconds - ray_data_s, 2),
+        "rows_per_s": r(args.n / seconds),
+        "ray_data_rows_per_s": r(args.n / ray_data_s),
+        "peak_rss_mb": r(total["rss_mb"]),
+        "peak_private_mb": r(total["private_mb"]),
+        "peak_driver_rss_mb": r(total["driver_rss_mb"]),
+        "driver_rss_before_mb": r(baseline_mb),
+        "peak_by_phase": {phase: {k: r(v) for k, v in peak.items()} for phase, peak in phases.items() if phase != "total"},
+        "peak_object_store_mb": r(total.get("store_used_mb")),
+        "spilled_mb": r(total.get("spilled_mb")),
+        "object_store_fallback_mb": r(total.get("store_fallback_mb")),
+        "object_store_stats_error": sampler.store_error,
+        "decoded_mb": r(decoded_mb),
+        "decoded_over_object_store": r(decoded_mb / args.object_store_mb, 2),
+        "peak_rss_over_decoded": r(total["rss_mb"] / decoded_mb, 2),
+        "samples": sampler.samples,
+        "max_processes": sampler.max_processes,
+        "output": output,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    table = [
+        ("images", f"{args.n}"),
+        ("source on disk (PNG Parquet)", f"{dataset['on_disk_bytes'] / MiB:.1f} MiB"),
+        ("decoded size (N*3*64*64)", f"{decoded_mb:.1f} MiB"),
+        ("object store", f"{args.object_store_mb} MiB"),
+        ("decoded / object store", f"{result['decoded_over_object_store']:.2f}x"),
+        ("total time", f"{seconds:.1f} s ({result['rows_per_s']:.0f} rows/s)"),
+        ("  Ray Data (read..write)", f"{ray_data_s:.1f} s ({result['ray_data_rows_per_s']:.0f} rows/s)"),
+        ("  manifest (driver)", f"{seconds - ray_data_s:.1f} s"),
+        ("peak RSS, driver + Ray", f"{total['rss_mb']:.0f} MiB"),
+        ("peak RSS - shared", f"{total['private_mb']:.0f} MiB"),
+        ("peak driver RSS", f"{total['driver_rss_mb']:.0f} MiB (before: {baseline_mb:.0f})"),
+    ]
+    for phase in ("ray_data", "manifest"):
+        if phase in phases:
+            table.append((f"  peak RSS in {phase}", f"{phases[phase]['rss_mb']:.0f} MiB "
+                          f"(driver {phases[phase]['driver_rss_mb']:.0f})"))
+    if "store_used_mb" in total:
+        table.append(("peak object store used", f"{total['store_used_mb']:.0f} MiB"))
+        table.append(("spilled to disk", f"{total['spilled_mb']:.0f} MiB"))
+    table.append(("output", f"{output['files']} files, {output['on_disk_bytes'] / MiB:.1f} MiB, counts {output['counts']}"))
+    width = max(len(k) for k, _ in table)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in table))
+    print(f"\n[bench] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The smoke DAG end to end against a real local Ray and a real `mlflow server` on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO, run_cli
+
+SUMMARY_KEYS = {"tracking_uri", "model_uri", "model_name", "model_version", "alias_moved", "image_shape",
+                "metrics", "feature_net", "data_fingerprint", "steps"}
+METRIC_KEYS = {"fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units"}
+STEPS = ["preprocess", "tune", "train", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(mlflow_server, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir)]
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    return run_dir, args, env, json.loads((run_dir / "summary.json").read_text()), first
+
+
+def test_summary_contract(smoke_run, mlflow_server):
+    run_dir, _, _, summary, first = smoke_run
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["tracking_uri"] == mlflow_server
+    assert summary["model_uri"] == "models:/vaegan-smoke@champion" and summary["alias_moved"] is True
+    assert summary["model_name"] == "vaegan-smoke" and summary["model_version"] == 1
+    assert summary["image_shape"] == [1, 28, 28]
+    assert METRIC_KEYS == summary["metrics"].keys()
+    assert all(isinstance(v, float) for v in summary["metrics"].values())
+    assert summary["feature_net"] == f"domain-cnn@{summary['data_fingerprint']}"
+    assert list(summary["steps"]) == STEPS
+    assert all(s["status"] == "ran" and s["seconds"] > 0 for s in summary["steps"].values())
+    # Progress is visible: one line per epoch with throughput, and the tune table.
+    assert "[train] epoch 1" in first.stdout + first.stderr and "images/s=" in first.stdout + first.stderr
+    train_dir = run_dir / f"train-{summary['steps']['train']['key']}"
+    for png in ("samples.png", "reconstructions.png", "interpolation.png"):
+        assert (train_dir / png).read_bytes()[:4] == b"\x89PNG"
+    tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
+    assert len((tune_dir / "trials.csv").read_text().splitlines()) == 1 + 2  # header + num_samples trials
+    assert not list(run_dir.glob(".*.tmp-*")), "no half-written step folder may remain"
+
+
+def test_mlflow_holds_parent_and_child_runs(smoke_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("vaegan")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.info.run_name == "pipeline-smoke"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    names = sorted(r.info.run_name.split("-")[0] for r in children)
+    assert names == ["train", "trial", "trial"]
+    train_run = next(r for r in children if r.info.run_name.startswith("train-"))
+    assert "val/fid" in train_run.data.metrics and "loss/enc/kl" in train_run.data.metrics
+    assert train_run.data.params["model.kind"] == "vaegan"
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"samples.png", "reconstructions.png", "epoch_001"} <= artifacts
+    assert "test/fid" in parents[0].data.metrics
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import mlflow, numpy as np
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    empty = np.zeros((0, 1, 28, 28), np.float32)
+    a = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 0})
+    b = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 0})
+    c = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 1})
+    z = model.predict(a, params={"mode": "encode"})
+    r = model.predict(a, params={"mode": "reconstruct"})
+    print(json.dumps({"sample": [list(a.shape), str(a.dtype), float(a.min()), float(a.max())],
+                      "same_seed_equal": bool(np.array_equal(a, b)), "other_seed_differs": bool(not np.array_equal(a, c)),
+                      "encode": [list(z.shape), str(z.dtype)],
+                      "reconstruct": [list(r.shape), str(r.dtype), float(r.min()), float(r.max())]}))
+""")
+
+
+def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, mlflow_server, tmp_path):
+    _, _, _, summary, _ = smoke_run
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server,
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, summary["model_uri"]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["sample"][:2] == [[16, 1, 28, 28], "float32"] and 0 <= out["sample"][2] and out["sample"][3] <= 1
+    assert out["same_seed_equal"] and out["other_seed_differs"]
+    assert out["encode"] == [[16, 16], "float32"]  # smoke.yaml's latent_dim
+    assert out["reconstruct"][:2] == [[16, 1, 28, 28], "float32"]
+    assert 0 <= out["reconstruct"][2] and out["reconstruct"][3] <= 1
+
+
+def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, mlflow_server):
+    run_dir, args, env, summary, _ = smoke_run
+    again = run_cli(*args, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    cached = json.loads((run_dir / "summary.json").read_text())
+    assert all(cached["steps"][s]["status"] == "cached" for s in STEPS)
+    assert cached["model_version"] == summary["model_version"]
+
+    forced = run_cli(*args, "--force", "evaluate", env=env)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    result = json.loads((run_dir / "summary.json").read_text())
+    statuses = {s: result["steps"][s]["status"] for s in STEPS}
+    assert statuses == {"preprocess": "cached", "tune": "cached", "train": "cached",
+                        "evaluate": "ran", "register": "ran"}
+    # The same checkpoint scored again does not beat itself: a new version, the alias stays.
+    assert result["model_version"] == summary["model_version"] + 1
+    assert result["alias_moved"] is False
+    assert result["model_uri"] == f"models:/vaegan-smoke/{result['model_version']}"
+
+
+def test_two_workers_train_with_ddp_over_gloo(mlflow_server, tmp_path):
+    """Two Ray Train workers (each network in its own DDP, gloo), tune disabled, DAG stopped after train."""
+    done = run_cli("run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(tmp_path),
+                   "--steps", "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "train.num_workers=2",
+                   "--set", "register.experiment=ddp-test", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["steps"]) == ["preprocess", "tune", "train"] and summary["model_uri"] is None
+    train_dir = tmp_path / f"train-{summary['steps']['train']['key']}"
+    history = json.loads((train_dir / "history.json").read_text())
+    assert len(history) == 1 and history[0]["guard/nonfinite_skipped"] == 0
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("ddp-test")
+    (train_run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name.startswith("train-")]
+    assert len(train_run.data.tags["train.node_ids"].split(",")) == 2  # one entry per DDP rank

@@ -1,0 +1,70 @@
+"""The Ray Data preprocess step on each kind of source, on a real local Ray."""
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from pipelines import preprocess
+from pipelines.config import DataConfig
+from vaegan.config import ModelConfig
+from vaegan.data import SHAPE_NAMES, make_shapes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_folder_with_class_subfolders_and_mixed_sizes(tmp_path):
+    images, labels = make_shapes(90, 48, channels=3, seed=1)
+    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist())):
+        folder = tmp_path / "src" / SHAPE_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        pil = Image.fromarray(image.transpose(1, 2, 0))
+        (pil if i % 2 else pil.resize((40, 40))).save(folder / f"{i}.png")  # two sizes in one folder
+    cfg = DataConfig(source=str(tmp_path / "src"), val_fraction=0.2, test_fraction=0.2, rows_per_file=20)
+    manifest = preprocess.run(cfg, ModelConfig(image_size=32, channels=3), tmp_path / "out")
+    assert manifest["format"] == "images" and manifest["image_shape"] == [3, 32, 32]
+    assert sum(manifest["counts"].values()) == 90 and min(manifest["counts"].values()) > 0
+    assert manifest["classes"] == sorted(SHAPE_NAMES)
+    train, train_labels = preprocess.read_split(tmp_path / "out" / "split=train", [3, 32, 32])
+    assert train.shape[1:] == (3, 32, 32) and set(train_labels.tolist()) == {0, 1, 2}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+
+
+def test_parquet_of_encoded_images_to_grey_28px_is_deterministic(tmp_path):
+    images, labels = make_shapes(60, 64, channels=3, seed=2)
+    table = pa.table({"image": [png_bytes(img) for img in images.numpy()], "label": labels.numpy()})
+    pq.write_table(table, tmp_path / "source.parquet")
+    cfg = DataConfig(source=str(tmp_path / "source.parquet"), val_fraction=0.2, test_fraction=0.2)
+    first = preprocess.run(cfg, ModelConfig(image_size=28, channels=1), tmp_path / "a")
+    second = preprocess.run(cfg, ModelConfig(image_size=28, channels=1), tmp_path / "b")
+    assert first["format"] == "parquet" and first["image_shape"] == [1, 28, 28]
+    assert first["counts"] == second["counts"] and first["fingerprint"] == second["fingerprint"]
+    assert 0 < first["channel_mean"][0] < 1 and first["channel_std"][0] > 0
+
+
+def test_parquet_without_an_image_column_names_its_columns(tmp_path):
+    pq.write_table(pa.table({"pixels": [b"x"], "label": [0]}), tmp_path / "bad.parquet")
+    with pytest.raises(preprocess.PreprocessError, match=r"has columns \['pixels', 'label'\]; it needs an 'image'"):
+        preprocess.run(DataConfig(source=str(tmp_path / "bad.parquet")), ModelConfig(), tmp_path / "out")
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path):
+    cfg = DataConfig(limit=14, val_fraction=0.01)  # 12 train images: the val part comes out empty
+    with pytest.raises(preprocess.PreprocessError, match="split 'val' is empty"):
+        preprocess.run(cfg, ModelConfig(), tmp_path / "out")
