@@ -6,7 +6,8 @@ images (``vaegan.data.make_shapes``) stored as encoded PNG bytes in column ``ima
 (``--object-store-mb``, default 128 MiB), runs the preprocess step on it and samples, every
 ``--interval`` seconds, the summed RSS of the driver and of every process of that Ray cluster
 (the driver's descendants: gcs_server, raylet, workers, ...) and the raylet's object-store stats.
-The default ``--n 40000`` decodes to 40000*3*64*64 B = 469 MiB, ~3.7x the 128 MiB object store.
+The default ``--n 50000`` decodes to 50000*3*64*64 B = 586 MiB, ~4.6x the 128 MiB object store;
+``--quick`` (2000 images, 23 MiB) runs the same settings, so its peaks are the small-N baseline.
 
 Run it from the repository root (prefix PYTHONPATH=. where the package is not installed):
     python benchmarks/preprocess_memory.py                 # full size, ~4x the object store
@@ -23,7 +24,6 @@ Ray Data executor and then builds the manifest (phase "manifest", timed separate
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -34,7 +34,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray  # puts ray/thirdparty_files (which holds psutil) on sys.path
@@ -60,7 +59,7 @@ MiB = 1024 * 1024
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=40000, help="source images (default 40000: 469 MiB decoded)")
+    p.add_argument("--n", type=int, default=50000, help="source images (default 50000: 586 MiB decoded)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--object-store-mb", type=int, default=128, help="Ray object store, MiB")
     p.add_argument("--rows-per-file", type=int, default=DataConfig.rows_per_file,
@@ -76,8 +75,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.n = 2000
-        args.rows_per_file = min(args.rows_per_file, 500)
-        args.source_rows_per_file = min(args.source_rows_per_file, 500)
+        args.source_rows_per_file = min(args.source_rows_per_file, 500)  # still 4 files, so 4 read blocks
     args.out = args.out or RESULTS / ("preprocess_memory_quick.json" if args.quick else "preprocess_memory.json")
     return args
 
@@ -139,6 +137,7 @@ class Sampler(threading.Thread):
         self.peaks: dict[str, dict[str, float]] = {}
         self.samples = 0
         self.max_processes = 0
+        self.at_peak: list[dict] = []
         self.store_error: str | None = None
         self.roots: list[psutil.Process] = []  # this cluster's daemons, in case one is not our descendant
         self.raylet: tuple[str, int] | None = None
@@ -163,6 +162,15 @@ class Sampler(threading.Thread):
                 continue
         return list(found.values())
 
+    def _label(self, proc: psutil.Process) -> str:
+        if proc.pid == self.driver.pid:
+            return "driver"
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            return "?"
+        return (Path(cmd[0]).name if cmd and "/" in cmd[0] else " ".join(cmd[:1]))[:60] or proc.name()
+
     def store_used(self) -> dict[str, float] | None:
         if self.raylet is None or self.store_error:
             return None
@@ -178,6 +186,7 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         rss = private = 0
         procs = self.processes()
+        per_process = []
         for proc in procs:
             try:
                 mem = proc.memory_info()
@@ -185,6 +194,10 @@ class Sampler(threading.Thread):
                 continue
             rss += mem.rss
             private += mem.rss - getattr(mem, "shared", 0)
+            per_process.append((proc, mem.rss))
+        if rss / MiB > self.peaks.get("total", {}).get("rss_mb", 0.0):  # who holds the memory at the peak
+            self.at_peak = [{"pid": p.pid, "process": self._label(p), "rss_mb": round(m / MiB, 1), "phase": self.phase}
+                            for p, m in sorted(per_process, key=lambda pm: -pm[1])]
         values = {"rss_mb": rss / MiB, "private_mb": private / MiB, "driver_rss_mb": self.driver.memory_info().rss / MiB}
         values.update(self.store_used() or {})
         for phase in (self.phase, "total"):
@@ -234,7 +247,7 @@ def main() -> None:
     baseline_mb = sampler.driver.memory_info().rss / MiB
     sampler.start()
     ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MiB,
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         sampler.attach()
@@ -296,6 +309,7 @@ def main() -> None:
         "decoded_mb": r(decoded_mb),
         "decoded_over_object_store": r(decoded_mb / args.object_store_mb, 2),
         "peak_rss_over_decoded": r(total["rss_mb"] / decoded_mb, 2),
+        "processes_at_peak_rss": sampler.at_peak,
         "samples": sampler.samples,
         "max_processes": sampler.max_processes,
         "output": output,
@@ -316,6 +330,7 @@ def main() -> None:
         ("peak RSS, driver + Ray", f"{total['rss_mb']:.0f} MiB"),
         ("peak RSS - shared", f"{total['private_mb']:.0f} MiB"),
         ("peak driver RSS", f"{total['driver_rss_mb']:.0f} MiB (before: {baseline_mb:.0f})"),
+        ("  peak RSS while starting Ray", f"{phases['setup']['rss_mb']:.0f} MiB"),
     ]
     for phase in ("ray_data", "manifest"):
         if phase in phases:

@@ -70,8 +70,8 @@ def _user_error(err: BaseException) -> BaseException | None:
         return err
     if cause is not None:
         return _user_error(cause)
-    from .tracking import TrackingError
     from .preprocess import PreprocessError
+    from .tracking import TrackingError
     return err if isinstance(err, (TrackingError, PreprocessError)) else None
 
 

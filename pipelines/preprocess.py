@@ -26,11 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.extensions import ArrowTensorArray
 import torch
+from ray.data.extensions import ArrowTensorArray
 
 from vaegan import data as vdata
-
 from vaegan.config import ModelConfig
 
 from .config import DataConfig

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import tempfile
 import time
@@ -24,18 +23,24 @@ import ray.train
 import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
+from vaegan import metrics
 from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from vaegan.config import from_dict
 from vaegan.evaluate import sample_quality
 from vaegan.featnet import load_feature_net
 from vaegan.inference import GenerativeModel
 from vaegan.loop import epoch_log_line, train_epoch
-from vaegan import metrics
 from vaegan.nets import build_nets
 from vaegan.step import VAEGANTrainer
 
@@ -43,7 +48,6 @@ from .config import PipelineConfig
 from .preprocess import read_split
 
 SCORE = "val/fid"  # lower is better; the one metric that picks checkpoints, trials and champions
-log = logging.getLogger("vaegan.train")
 
 
 @dataclasses.dataclass

@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from pipelines.config import ConfigError, load_config
 
 SMOKE = "pipelines/configs/smoke.yaml"

@@ -7,7 +7,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,6 @@ from vaegan.data import (
     IDX_FILES,
     DatasetError,
     DatasetNotFoundError,
-    deterministic_split,
     find_idx_dir,
     load_idx,
     make_shapes,
@@ -241,30 +239,3 @@ def test_to_float_resize_match_channels(fashion_test):
     red[:, 0] = 1.0
     assert match_channels(red, 1).flatten()[0].item() == pytest.approx(0.299, abs=1e-3)  # ITU-R 601
     assert match_channels(x, 1) is x
-
-
-# ----------------------------------------------------------------------------- split
-
-
-def test_split_properties():
-    parts = deterministic_split(1000, 0.1, 0.2, seed=3)
-    assert {k: len(v) for k, v in parts.items()} == {"train": 700, "val": 100, "test": 200}
-    everything = np.concatenate(list(parts.values()))
-    assert np.array_equal(np.sort(everything), np.arange(1000))  # disjoint and covering
-    again = deterministic_split(1000, 0.1, 0.2, seed=3)
-    assert all(np.array_equal(parts[k], again[k]) for k in parts)
-    other = deterministic_split(1000, 0.1, 0.2, seed=4)
-    assert not np.array_equal(parts["val"], other["val"])
-    assert parts["val"].dtype == np.int64 and np.all(np.diff(parts["val"]) > 0)
-    assert parts["val"].max() > 900 and parts["val"].min() < 100  # shuffled, not a contiguous slice
-
-
-def test_split_errors_name_the_fraction():
-    with pytest.raises(ValueError, match="val_fraction"):
-        deterministic_split(10, 0.01, 0.2, seed=0)
-    with pytest.raises(ValueError, match="test_fraction"):
-        deterministic_split(10, 0.2, 0.0, seed=0)
-    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction"):
-        deterministic_split(10, 0.5, 0.5, seed=0)
-    with pytest.raises(ValueError, match="1 - val_fraction - test_fraction"):
-        deterministic_split(2, 0.3, 0.3, seed=0)

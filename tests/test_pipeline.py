@@ -8,8 +8,7 @@ import sys
 import textwrap
 
 import pytest
-
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 SUMMARY_KEYS = {"tracking_uri", "model_uri", "model_name", "model_version", "alias_moved", "image_shape",
                 "metrics", "feature_net", "data_fingerprint", "steps"}

@@ -1,6 +1,5 @@
 """The alias moves only for a better model on the same data, against a real MLflow server."""
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines import registry, tracking

@@ -2,10 +2,10 @@
 import torch
 
 from vaegan import metrics
+from vaegan.checkpoint import checkpoint_payload
 from vaegan.config import VAEGANConfig
 from vaegan.data import find_idx_dir, load_idx
 from vaegan.inference import GenerativeModel
-from vaegan.checkpoint import checkpoint_payload
 from vaegan.loop import fit
 from vaegan.nets import build_nets
 from vaegan.step import VAEGANTrainer

@@ -18,7 +18,6 @@ import torch
 from .config import VAEGANConfig, from_dict
 from .step import VAEGANTrainer
 
-
 CHECKPOINT_NAME = "checkpoint.pt"
 
 

@@ -1,5 +1,5 @@
 """Datasets for the VAE-GAN: IDX files (Fashion-MNIST, MNIST), procedural coloured shapes,
-small tensor helpers used by the preprocessing step, and a deterministic train/val/test split.
+and small tensor helpers used by the preprocessing step.
 
 Plain torch / torchvision / numpy only, so it can run inside any worker process.
 
@@ -300,33 +300,3 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if have == 3 and channels == 1:
         return TF.rgb_to_grayscale(images, num_output_channels=1)
     raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
-
-
-# ----------------------------------------------------------------------------- splits
-
-
-def deterministic_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Split ``range(n)`` into disjoint, covering ``train``/``val``/``test`` index arrays (int64, sorted).
-
-    Sizes are ``round(n * fraction)`` for val and test, the rest is train; the assignment is a
-    seeded permutation, so the same arguments always give the same split. Raises ValueError
-    naming the fraction when a part would be empty or the fractions are out of range.
-    """
-    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < frac < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {frac}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1 to leave a train part, "
-                         f"got {val_fraction} + {test_fraction}")
-    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
-    n_train = n - n_val - n_test
-    for name, count, frac in (("val_fraction", n_val, val_fraction), ("test_fraction", n_test, test_fraction),
-                              ("1 - val_fraction - test_fraction", n_train, 1 - val_fraction - test_fraction)):
-        if count <= 0:
-            raise ValueError(f"{name}={frac:g} of n={n} gives an empty part ({count} items)")
-    perm = np.random.default_rng(seed).permutation(n)
-    return {
-        "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train:n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val:]),
-    }
