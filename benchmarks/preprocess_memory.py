@@ -75,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.n = 2000
-        args.source_rows_per_file = min(args.source_rows_per_file, 500)  # still 4 files, so 4 read blocks
+        args.source_rows_per_file = min(args.source_rows_per_file, 500)  # 4 source files
     args.out = args.out or RESULTS / ("preprocess_memory_quick.json" if args.quick else "preprocess_memory.json")
     return args
 
@@ -138,6 +138,7 @@ class Sampler(threading.Thread):
         self.samples = 0
         self.max_processes = 0
         self.at_peak: list[dict] = []
+        self.baseline_mb = 0.0
         self.store_error: str | None = None
         self.roots: list[psutil.Process] = []  # this cluster's daemons, in case one is not our descendant
         self.raylet: tuple[str, int] | None = None
@@ -198,7 +199,9 @@ class Sampler(threading.Thread):
         if rss / MiB > self.peaks.get("total", {}).get("rss_mb", 0.0):  # who holds the memory at the peak
             self.at_peak = [{"pid": p.pid, "process": self._label(p), "rss_mb": round(m / MiB, 1), "phase": self.phase}
                             for p, m in sorted(per_process, key=lambda pm: -pm[1])]
-        values = {"rss_mb": rss / MiB, "private_mb": private / MiB, "driver_rss_mb": self.driver.memory_info().rss / MiB}
+        workers = [m for p, m in per_process if p.pid != self.driver.pid]
+        values = {"rss_mb": rss / MiB, "private_mb": private / MiB, "driver_rss_mb": self.driver.memory_info().rss / MiB,
+                  "largest_ray_process_rss_mb": max(workers, default=0) / MiB}
         values.update(self.store_used() or {})
         for phase in (self.phase, "total"):
             peak = self.peaks.setdefault(phase, {})
@@ -228,6 +231,41 @@ def machine() -> dict:
             "load_avg_1m": round(os.getloadavg()[0], 2), "ray": ray.__version__, "pyarrow": pa.__version__}
 
 
+def measure(args: argparse.Namespace, source: Path, out_dir: Path, sampler: Sampler) -> tuple[dict, float, float]:
+    """Run the preprocess step on a fresh local Ray cluster while ``sampler`` samples; returns
+    (manifest, total seconds, seconds until write_parquet returned)."""
+    data_cfg = DataConfig(source=str(source), rows_per_file=args.rows_per_file)
+    data_cfg.validate()
+    model_cfg = ModelConfig(image_size=args.image_size, channels=3)
+    sampler.baseline_mb = sampler.driver.memory_info().rss / MiB
+    sampler.start()
+    ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MiB,
+             include_dashboard=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        sampler.attach()
+        times: dict[str, float] = {}
+        real_build_manifest = preprocess.build_manifest
+
+        def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
+            times["manifest_start"] = time.perf_counter()
+            sampler.phase = "manifest"
+            return real_build_manifest(*a, **kw)
+
+        preprocess.build_manifest = timed_build_manifest  # run() looks it up in the module at call time
+        sampler.phase = "ray_data"
+        start = time.perf_counter()
+        try:
+            manifest = preprocess.run(data_cfg, model_cfg, out_dir)
+        finally:
+            preprocess.build_manifest = real_build_manifest
+        seconds = time.perf_counter() - start
+    finally:
+        sampler.finish()
+        ray.shutdown()
+    return manifest, seconds, times.get("manifest_start", start + seconds) - start
+
+
 def main() -> None:
     args = parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -239,50 +277,23 @@ def main() -> None:
     out_dir = args.work_dir / f"out-{os.getpid()}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    data_cfg = DataConfig(source=str(source), rows_per_file=args.rows_per_file)
-    data_cfg.validate()
-    model_cfg = ModelConfig(image_size=args.image_size, channels=3)
-
     sampler = Sampler(args.interval)
-    baseline_mb = sampler.driver.memory_info().rss / MiB
-    sampler.start()
-    ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MiB,
-             include_dashboard=False)
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        sampler.attach()
-
-        times: dict[str, float] = {}
-        real_build_manifest = preprocess.build_manifest
-
-        def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
-            times["manifest_start"] = time.perf_counter()
-            sampler.phase = "manifest"
-            return real_build_manifest(*a, **kw)
-
-        preprocess.build_manifest = timed_build_manifest
-        sampler.phase = "ray_data"
-        start = time.perf_counter()
-        try:
-            manifest = preprocess.run(data_cfg, model_cfg, out_dir)
-        finally:
-            preprocess.build_manifest = real_build_manifest
-        seconds = time.perf_counter() - start
-        sampler.finish()
+        manifest, seconds, ray_data_s = measure(args, source, out_dir, sampler)
+        baseline_mb = sampler.baseline_mb
+        rows = sum(manifest["counts"].values())
+        if rows != args.n:
+            raise SystemExit(f"[bench] preprocess wrote {rows} rows, expected {args.n}: {manifest['counts']}")
+        out_files = sorted(out_dir.rglob("*.parquet"))
+        output = {"rows": rows, "counts": manifest["counts"], "files": len(out_files),
+                  "on_disk_bytes": _dir_bytes(out_dir),
+                  "largest_file_rows": max(pq.ParquetFile(f).metadata.num_rows for f in out_files),
+                  # Ray names files <write uuid>_<task index>-<i>.parquet: distinct task indices = write tasks
+                  "write_tasks": len({f.name.rsplit("-", 1)[0] for f in out_files})}
     finally:
-        ray.shutdown()
+        if not args.keep_output:
+            shutil.rmtree(out_dir, ignore_errors=True)
 
-    rows = sum(manifest["counts"].values())
-    if rows != args.n:
-        raise SystemExit(f"[bench] preprocess wrote {rows} rows, expected {args.n}: {manifest['counts']}")
-    out_files = sorted(out_dir.rglob("*.parquet"))
-    output = {"rows": rows, "counts": manifest["counts"], "files": len(out_files),
-              "on_disk_bytes": _dir_bytes(out_dir), "largest_file_rows": max(pq.ParquetFile(f).metadata.num_rows
-                                                                            for f in out_files)}
-    if not args.keep_output:
-        shutil.rmtree(out_dir, ignore_errors=True)
-
-    ray_data_s = times.get("manifest_start", start + seconds) - start
     total, phases = sampler.peaks["total"], sampler.peaks
     decoded_mb = dataset["decoded_bytes"] / MiB
     r = lambda x, d=1: None if x is None else round(x, d)  # noqa: E731
@@ -300,6 +311,7 @@ def main() -> None:
         "peak_rss_mb": r(total["rss_mb"]),
         "peak_private_mb": r(total["private_mb"]),
         "peak_driver_rss_mb": r(total["driver_rss_mb"]),
+        "peak_largest_ray_process_rss_mb": r(total["largest_ray_process_rss_mb"]),
         "driver_rss_before_mb": r(baseline_mb),
         "peak_by_phase": {phase: {k: r(v) for k, v in peak.items()} for phase, peak in phases.items() if phase != "total"},
         "peak_object_store_mb": r(total.get("store_used_mb")),
@@ -330,6 +342,7 @@ def main() -> None:
         ("peak RSS, driver + Ray", f"{total['rss_mb']:.0f} MiB"),
         ("peak RSS - shared", f"{total['private_mb']:.0f} MiB"),
         ("peak driver RSS", f"{total['driver_rss_mb']:.0f} MiB (before: {baseline_mb:.0f})"),
+        ("peak RSS of one Ray process", f"{total['largest_ray_process_rss_mb']:.0f} MiB"),
         ("  peak RSS while starting Ray", f"{phases['setup']['rss_mb']:.0f} MiB"),
     ]
     for phase in ("ray_data", "manifest"):
@@ -339,7 +352,9 @@ def main() -> None:
     if "store_used_mb" in total:
         table.append(("peak object store used", f"{total['store_used_mb']:.0f} MiB"))
         table.append(("spilled to disk", f"{total['spilled_mb']:.0f} MiB"))
-    table.append(("output", f"{output['files']} files, {output['on_disk_bytes'] / MiB:.1f} MiB, counts {output['counts']}"))
+    table.append(("output", f"{output['files']} files from {output['write_tasks']} write task(s), "
+                            f"{output['on_disk_bytes'] / MiB:.1f} MiB, largest {output['largest_file_rows']} rows"))
+    table.append(("split counts", f"{output['counts']}"))
     width = max(len(k) for k, _ in table)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in table))
     print(f"\n[bench] wrote {args.out}")

@@ -85,9 +85,11 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     best = min((h[SCORE] for h in history), default=float("inf"))
     stale = 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
+        # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
+        # and become float tensors here.
         batches = (_as_images(b["image"], job.image_shape, device)
-                   for b in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                                     dtypes=None, collate_fn=_collate_bytes))
+                   for b in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                               drop_last=True))
         summary = train_epoch(trainer, batches)
         summary["images_per_s"] *= world  # the epoch's global throughput
         val = validation.run(trainer, epoch)
@@ -116,10 +118,6 @@ def _ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Modul
     # and re-broadcasting them mid-step would clobber tensors that autograd still needs.
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
-
-
-def _collate_bytes(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"image": batch["image"]}
 
 
 def _as_images(column: Any, shape: list[int], device: torch.device) -> torch.Tensor:
