@@ -17,7 +17,7 @@ import ray
 from . import dag, tracking
 from .config import PipelineConfig, flatten
 
-SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units")
+SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units", "elbo_gap")
 
 
 def connect_ray() -> None:

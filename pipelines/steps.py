@@ -105,10 +105,14 @@ def write_grids(model: GenerativeModel, pre_dir: Path, manifest: dict, out: Path
 
 def score_checkpoint(cfg: PipelineConfig, state: dict, pre_dir: Path, manifest: dict,
                      featnet_path: Path) -> dict[str, float]:
-    images, _ = preprocess_step.read_split(pre_dir / "split=test", manifest["image_shape"], limit=cfg.eval.num_images)
+    def split(name: str, limit: int) -> torch.Tensor:
+        images, _ = preprocess_step.read_split(pre_dir / f"split={name}", manifest["image_shape"], limit=limit)
+        return torch.from_numpy(images).float() / 255.0
+
     return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(featnet_path),
-                          torch.from_numpy(images).float() / 255.0, iwae_k=cfg.eval.iwae_k,
-                          iwae_images=cfg.eval.iwae_images, seed=cfg.train.seed)
+                          split("test", cfg.eval.num_images), iwae_k=cfg.eval.iwae_k,
+                          iwae_images=cfg.eval.iwae_images, seed=cfg.train.seed,
+                          train_images=split("train", cfg.eval.iwae_images))
 
 
 def evaluate(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:

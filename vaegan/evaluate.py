@@ -38,12 +38,17 @@ def likelihood(model: GenerativeModel, images: torch.Tensor, iwae_k: int, seed: 
 
 
 def evaluate_model(model: GenerativeModel, featnet: FeatureNet, images: torch.Tensor, *, iwae_k: int,
-                   iwae_images: int, seed: int = 0) -> dict[str, float]:
-    """Every core metric: sample quality against ``images`` (as many samples as images), reconstruction
-    error, active units, and likelihood bounds on the first ``iwae_images`` images."""
+                   iwae_images: int, seed: int = 0, train_images: torch.Tensor | None = None) -> dict[str, float]:
+    """Every core metric: sample quality against held-out ``images`` (as many samples as images),
+    reconstruction error, active units, and likelihood bounds on the first ``iwae_images`` images.
+    With ``train_images``, also the train ELBO and the train/test ELBO gap (overfitting shows as a gap > 0)."""
     fakes = model.sample(len(images), seed=seed)
     scores = sample_quality(featnet, images, fakes)
     scores["recon_mse"] = metrics.reconstruction_mse(model.enc, model.dec, images)
     scores["active_units"] = float(metrics.active_units(model.enc, images))
     scores.update(likelihood(model, images[:iwae_images], iwae_k, seed))
+    if train_images is not None:
+        generator = torch.Generator().manual_seed(seed)
+        scores["train_elbo"] = metrics.elbo(model.enc, model.dec, train_images, generator=generator).mean().item()
+        scores["elbo_gap"] = scores["train_elbo"] - scores["elbo"]
     return scores
