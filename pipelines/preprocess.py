@@ -35,6 +35,7 @@ from vaegan.config import ModelConfig
 from .config import DataConfig
 
 SPLITS = ("train", "val", "test")
+BLOCK_ROWS = 2048
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff")
 
 
@@ -179,6 +180,9 @@ def run(cfg: DataConfig, model: ModelConfig, out_dir: Path) -> dict[str, Any]:
     reader = {"idx": lambda: _read_idx(cfg), "images": lambda: _read_images(cfg, model),
               "parquet": lambda: _read_parquet(cfg)}[fmt]
     ds, classes = reader()  # [1] read the source as a lazy Ray Dataset
+    # Compressed sources can arrive as one block, which would make one task decode and buffer the whole
+    # dataset before writing it; bounded blocks keep each task's memory independent of the dataset's size.
+    ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
     ds = ds.map_batches(transform_batch, batch_format="numpy", batch_size=1024,  # [2] decode/resize/validate
                         fn_kwargs={"data": dataclasses.asdict(cfg), "model": {"image_size": model.image_size,
                                                                     "channels": model.channels}})
@@ -193,31 +197,30 @@ def build_manifest(out_dir: Path, fmt: str, cfg: DataConfig, model: ModelConfig,
     """Counts, shape, fingerprint and per-channel statistics, read back file by file (bounded memory)."""
     shape = [model.channels, model.image_size, model.image_size]
     counts, digests = {}, []
-    total = np.zeros(model.channels)
-    total_sq = np.zeros(model.channels)
+    total = np.zeros(model.channels, np.uint64)  # exact integer sums: no float copy of a whole file
+    total_sq = np.zeros(model.channels, np.uint64)
     for split in SPLITS:
-        files = sorted((out_dir / f"split={split}").glob("*.parquet"))
         counts[split] = 0
         row_hashes = []
-        for file in files:
-            table = pq.read_table(file, columns=["image", "key"])
-            images = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *shape)
-            counts[split] += len(images)
-            pixels = images.astype(np.float64) / 255.0
-            total += pixels.sum(axis=(0, 2, 3))
-            total_sq += (pixels**2).sum(axis=(0, 2, 3))
-            row_hashes += [f"{k}:{zlib.crc32(img.tobytes())}" for k, img in zip(table.column("key").to_pylist(), images)]
+        for file in sorted((out_dir / f"split={split}").glob("*.parquet")):
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=1024, columns=["image", "key"]):
+                images = np.frombuffer(b"".join(batch.column("image").to_pylist()), np.uint8).reshape(-1, *shape)
+                counts[split] += len(images)
+                total += images.sum(axis=(0, 2, 3), dtype=np.uint64)
+                total_sq += np.square(images, dtype=np.uint32).sum(axis=(0, 2, 3), dtype=np.uint64)
+                row_hashes += [f"{k}:{zlib.crc32(img.tobytes())}"
+                               for k, img in zip(batch.column("key").to_pylist(), images)]
         digests.append(hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest())
         if counts[split] == 0:
             raise PreprocessError(f"split '{split}' is empty after preprocessing {cfg.source or 'Fashion-MNIST'} "
                                   f"({sum(counts.values())} rows so far); use more data or larger "
                                   "data.val_fraction / data.test_fraction")
     n_pixels = sum(counts.values()) * model.image_size**2
-    mean = total / n_pixels
+    mean = total / 255.0 / n_pixels
     return {
         "format": fmt, "source": cfg.source or "fashion-mnist", "image_shape": shape, "counts": counts,
         "classes": classes, "fingerprint": hashlib.sha256("".join(digests).encode()).hexdigest()[:16],
-        "channel_mean": mean.tolist(), "channel_std": np.sqrt(total_sq / n_pixels - mean**2).tolist(),
+        "channel_mean": mean.tolist(), "channel_std": np.sqrt(total_sq / 255.0**2 / n_pixels - mean**2).tolist(),
     }
 
 
