@@ -57,7 +57,7 @@ def test_mlflow_holds_parent_and_child_runs(smoke_run, mlflow_server):
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = sorted(r.info.run_name.split("-")[0] for r in children)
-    assert names == ["train", "trial", "trial"]
+    assert names == ["baseline", "train", "trial", "trial"]  # smoke.yaml asks for the VAE baseline too
     train_run = next(r for r in children if r.info.run_name.startswith("train-"))
     assert "val/fid" in train_run.data.metrics and "loss/enc/kl" in train_run.data.metrics
     assert train_run.data.params["model.kind"] == "vaegan"
