@@ -71,16 +71,10 @@ def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
     cfg = tuned_config(cfg, ups)
     pre_dir, manifest = _pre(ups)
     featnet_path, _ = feature_net(cfg, ups)
-    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"train-{key}", ctx.parent_run_id,
-                                params=flatten(dataclasses.asdict(cfg)))
-    try:
-        result = train_step.fit(cfg, pre_dir, manifest["image_shape"], featnet_path, name=f"train-{key}",
-                                storage=Path(ctx.run_dir).resolve() / "ray", tracking_uri=ctx.tracking_uri,
-                                mlflow_run_id=run_id)
-    except BaseException:
-        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
-        raise
-    state = load_checkpoint(train_step.best_checkpoint_path(result, out))
+    result, run_id = train_step.fit_tracked(cfg, ctx, pre_dir, manifest["image_shape"], featnet_path,
+                                            name=f"train-{key}", params=flatten(dataclasses.asdict(cfg)))
+    state = train_step.best_checkpoint_state(result)
+    torch.save(state, out / CHECKPOINT_NAME)
     history = json.loads(state["history"])
     (out / "history.json").write_text(json.dumps(history, indent=2))
     pngs = write_grids(GenerativeModel.from_checkpoint(state), pre_dir, manifest, out)
@@ -92,15 +86,11 @@ def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
 
 
 def write_grids(model: GenerativeModel, pre_dir: Path, manifest: dict, out: Path, seed: int = 0) -> list[Path]:
-    """samples.png (8x8 prior samples), reconstructions.png (originals and reconstructions side by side)
-    and interpolation.png (a latent walk between two test images)."""
+    """samples.png, reconstructions.png and interpolation.png (a latent walk between two test images)."""
     images, _ = preprocess_step.read_split(pre_dir / "split=test", manifest["image_shape"], limit=32)
     originals = torch.from_numpy(images).float() / 255.0
-    pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (64, C, H, W)
-    save_image(model.sample(64, seed=seed), out / "samples.png", nrow=8)
-    save_image(pairs, out / "reconstructions.png", nrow=8)
     save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
-    return [out / "samples.png", out / "reconstructions.png", out / "interpolation.png"]
+    return [*train_step.save_grids(model, originals, out, seed), out / "interpolation.png"]
 
 
 def score_checkpoint(cfg: PipelineConfig, state: dict, pre_dir: Path, manifest: dict,
@@ -136,17 +126,9 @@ def baseline_vae(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featne
                  key: str) -> dict[str, float]:
     """The plain VAE with the same encoder/decoder, data and budget, scored the same way."""
     vae_cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), {"model": {"kind": "vae"}}))
-    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"baseline-vae-{key}", ctx.parent_run_id,
-                                params=flatten(dataclasses.asdict(vae_cfg)))
-    try:
-        result = train_step.fit(vae_cfg, pre_dir, manifest["image_shape"], featnet_path,
-                                name=f"baseline-vae-{key}", storage=Path(ctx.run_dir).resolve() / "ray",
-                                tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
-    except BaseException:
-        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
-        raise
-    with (result.get_best_checkpoint(metric=train_step.SCORE, mode="min") or result.checkpoint).as_directory() as d:
-        state = load_checkpoint(Path(d) / CHECKPOINT_NAME)
+    result, run_id = train_step.fit_tracked(vae_cfg, ctx, pre_dir, manifest["image_shape"], featnet_path,
+                                            name=f"baseline-vae-{key}", params=flatten(dataclasses.asdict(vae_cfg)))
+    state = train_step.best_checkpoint_state(result)
     scores = score_checkpoint(cfg, state, pre_dir, manifest, featnet_path)
     tracking.log_metrics(ctx.tracking_uri, run_id, {f"test/{k}": v for k, v in scores.items()})
     tracking.end_run(ctx.tracking_uri, run_id)

@@ -48,15 +48,9 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
         """One trial: a Ray Train run of the config with this trial's overrides."""
         trial_id = ray_tune.get_context().get_trial_id()
         trial_cfg = from_dict(PipelineConfig, merge(base, overrides))
-        run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"trial-{trial_id}", ctx.parent_run_id,
-                                    params=flatten(overrides))
-        try:
-            train_step.fit(trial_cfg, pre_dir, manifest["image_shape"], featnet_path, name=f"trial-{key}-{trial_id}",
-                           storage=Path(ctx.run_dir).resolve() / "ray", tracking_uri=ctx.tracking_uri,
-                           mlflow_run_id=run_id, train_limit=cfg.tune.train_limit, callbacks=[TuneReportCallback()])
-        except BaseException:
-            tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
-            raise
+        _, run_id = train_step.fit_tracked(trial_cfg, ctx, pre_dir, manifest["image_shape"], featnet_path,
+                                           name=f"trial-{key}-{trial_id}", params=flatten(overrides),
+                                           train_limit=cfg.tune.train_limit, callbacks=[TuneReportCallback()])
         tracking.end_run(ctx.tracking_uri, run_id)
 
     tuner = ray_tune.Tuner(

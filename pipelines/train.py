@@ -35,7 +35,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from vaegan import metrics
-from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from vaegan.checkpoint import (
+    CHECKPOINT_NAME,
+    checkpoint_payload,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vaegan.config import from_dict
 from vaegan.evaluate import sample_quality
 from vaegan.featnet import load_feature_net
@@ -44,6 +49,7 @@ from vaegan.loop import epoch_log_line, train_epoch
 from vaegan.nets import build_nets
 from vaegan.step import VAEGANTrainer
 
+from . import tracking
 from .config import PipelineConfig
 from .preprocess import read_split
 
@@ -92,7 +98,8 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
                                                drop_last=True))
         summary = train_epoch(trainer, batches)
         summary["images_per_s"] *= world  # the epoch's global throughput
-        val = validation.run(trainer, epoch)
+        model = GenerativeModel.from_checkpoint(checkpoint_payload(trainer))
+        val = validation.run(model)
         summary.update(val)
         summary["epoch"] = float(epoch)
         history.append(summary)
@@ -102,7 +109,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[train] {epoch_log_line(epoch, summary, {k: v for k, v in val.items() if k != 'val/kid_std'})}",
                   flush=True)
-        tracker.log_epoch(summary, epoch, validation.grids(trainer, epoch) if rank == 0 else [])
+        tracker.log_epoch(summary, epoch, validation.grids(model) if rank == 0 else [])
         checkpoint_now = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs or stop
         _report(trainer, summary, history, epoch, rank, checkpoint_now)  # [3] report (+ checkpoint)
         if stop:
@@ -169,25 +176,23 @@ class _Validation:
         self.featnet = load_feature_net(job.featnet_path)
         self.seed = cfg.train.seed
 
-    def model(self, trainer: VAEGANTrainer) -> GenerativeModel:
-        return GenerativeModel.from_checkpoint({**trainer.state_dict(), "config": dataclasses.asdict(trainer.cfg)})
-
-    def run(self, trainer: VAEGANTrainer, epoch: int) -> dict[str, float]:
-        model = self.model(trainer)
+    def run(self, model: GenerativeModel) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)
         elbo = metrics.elbo(model.enc, model.dec, self.images, generator=generator).mean().item()
         quality = sample_quality(self.featnet, self.images, model.sample(len(self.images), seed=self.seed))
         return {"val/elbo": elbo, **{f"val/{k}": v for k, v in quality.items()}}
 
-    def grids(self, trainer: VAEGANTrainer, epoch: int) -> list[Path]:
+    def grids(self, model: GenerativeModel) -> list[Path]:
         """Sample and reconstruction grids as PNGs in a temporary folder (logged, then deleted)."""
-        model = self.model(trainer)
-        folder = Path(tempfile.mkdtemp(prefix="vaegan-grids-"))
-        originals = self.images[:32]
-        pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (64, C, H, W)
-        save_image(model.sample(64, seed=self.seed), folder / "samples.png", nrow=8)
-        save_image(pairs, folder / "reconstructions.png", nrow=8)
-        return [folder / "samples.png", folder / "reconstructions.png"]
+        return save_grids(model, self.images[:32], Path(tempfile.mkdtemp(prefix="vaegan-grids-")), self.seed)
+
+
+def save_grids(model: GenerativeModel, originals: torch.Tensor, folder: Path, seed: int) -> list[Path]:
+    """samples.png (8x8 prior samples) and reconstructions.png (each original beside its reconstruction)."""
+    pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (2N, C, H, W)
+    save_image(model.sample(64, seed=seed), folder / "samples.png", nrow=8)
+    save_image(pairs, folder / "reconstructions.png", nrow=8)
+    return [folder / "samples.png", folder / "reconstructions.png"]
 
 
 class _Tracker:
@@ -244,13 +249,26 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
     return trainer.fit()
 
 
-def best_checkpoint_path(result: ray.train.Result, out_dir: Path) -> Path:
-    """Copy the best checkpoint by validation FID out of Ray's storage into ``out_dir``."""
+def fit_tracked(cfg: PipelineConfig, ctx: Any, data_dir: Path, image_shape: list[int], featnet_path: Path, *,
+                name: str, params: dict[str, Any], train_limit: int = 0,
+                callbacks: list | None = None) -> tuple[ray.train.Result, str]:
+    """``fit`` inside a new MLflow child run of the pipeline's run; returns the result and the run id,
+    still open for the caller's artifacts (marked FAILED here if training raises)."""
+    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, name, ctx.parent_run_id, params=params)
+    try:
+        result = fit(cfg, data_dir, image_shape, featnet_path, name=name, storage=Path(ctx.run_dir).resolve() / "ray",
+                     tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id, train_limit=train_limit,
+                     callbacks=callbacks)
+    except BaseException:
+        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
+        raise
+    return result, run_id
+
+
+def best_checkpoint_state(result: ray.train.Result) -> dict[str, Any]:
+    """The best checkpoint by validation FID (the latest if none was scored), loaded from Ray's storage."""
     checkpoint = result.get_best_checkpoint(metric=SCORE, mode="min") or result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"training run {result.path} finished without a checkpoint: {result.error}")
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
-    target = out_dir / CHECKPOINT_NAME
-    torch.save(state, target)
-    return target
+        return load_checkpoint(Path(folder) / CHECKPOINT_NAME)
