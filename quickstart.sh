@@ -14,7 +14,8 @@ ensure_venv() {
   fi
   if ! "$VENV/bin/python" -c "import vaegan, ray, mlflow, torchvision, pytest" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet --upgrade pip
-    "$VENV/bin/pip" install --quiet -e ".[dev]"
+    # The lock pins every runtime dependency, so a fresh machine gets what CI and the container image run.
+    "$VENV/bin/pip" install --quiet -c deploy/requirements.lock -e ".[dev]"
   fi
 }
 

@@ -2,18 +2,32 @@
 
     vaegan run --config pipelines/configs/default.yaml [--set key=value ...] [--steps a,b] [--force STEP]
                [--run-dir DIR] [--dry-run] [--debug]
+    vaegan sweep --config FILE [--set key=value ...] [--run-dir DIR]
+    vaegan evaluate --model MODEL_URI [--data RUN_DIR_OR_SOURCE] [--split test] [--n 10000] [--out DIR] [--log]
+    vaegan sample      --model models:/NAME@ALIAS --num 64 --seed 0 --out grid.png [--npy samples.npy]
+    vaegan encode      --model MODEL_URI --input PATH --out latents.npy
+    vaegan reconstruct --model MODEL_URI --input PATH --out recon.png [--npy recon.npy]
+    vaegan interpolate --model MODEL_URI --input A [--input B] --steps 8 --out strip.png
 
-User mistakes (bad config, missing data, unreachable tracking server) end with one line on stderr
-and exit code 2; ``--debug`` shows the traceback.
+The pull verbs need only MLFLOW_TRACKING_URI; PATH is an image, a folder of images, a .npy or a
+pipeline Parquet split. User mistakes (bad config, missing data, unreachable tracking server,
+unknown model, unreadable input) end with one line on stderr and exit code 2; ``--debug`` shows
+the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from deploy import pull
+from deploy.pull import PullError
 from vaegan.checkpoint import CheckpointError
 from vaegan.config import ConfigError
 from vaegan.data import DatasetError, DatasetNotFoundError
@@ -21,7 +35,7 @@ from vaegan.step import NonFiniteLossError
 
 from .config import STEPS, load_config
 
-USER_ERRORS = (ConfigError, DatasetError, DatasetNotFoundError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DatasetError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, PullError)
 
 
 def _steps(text: str) -> list[str]:
@@ -46,7 +60,58 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="run folder (default runs/<config name>)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sweep = verbs.add_parser("sweep", help="preprocess + the Tune sweep of a config; writes the sweep report")
+    sweep.add_argument("--config", required=True, help="YAML config; its tune section is the budget")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--run-dir", type=Path, help="run folder (default runs/<config name>)")
+    sweep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_evaluate_verb(verbs)
+    add_pull_verbs(verbs)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def add_evaluate_verb(verbs) -> None:
+    evaluate = verbs.add_parser("evaluate", help="score a registered model: metrics.json and PNGs")
+    evaluate.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vaegan-fashion-mnist@champion")
+    evaluate.add_argument("--data", default="", help="run folder, preprocess folder, or a source to preprocess "
+                          "(IDX folder, image folder, Parquet); default: Fashion-MNIST")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--n", type=_positive, default=10000, help="images scored (and samples drawn)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
+    evaluate.add_argument("--log", action="store_true", help="also log metrics and files to the model's MLflow run")
+    evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_pull_verbs(verbs) -> None:
+    """sample / encode / reconstruct / interpolate: a registered model, pulled from MLflow."""
+    def verb(name: str, help_text: str, takes_input: bool) -> argparse.ArgumentParser:
+        parser = verbs.add_parser(name, help=help_text)
+        parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vaegan-fashion-mnist@champion")
+        if takes_input:
+            parser.add_argument("--input", required=True, action="append", type=Path,
+                                help="image file, folder of images, .npy, or a pipeline Parquet split")
+            parser.add_argument("--limit", type=_positive, default=None, help="use only the first N input images")
+        parser.add_argument("--out", required=True, type=Path, help="output file (.png grid or .npy array)")
+        parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        return parser
+
+    sample = verb("sample", "generate images from the prior", takes_input=False)
+    sample.add_argument("--num", type=_positive, default=64, help="number of images")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--npy", type=Path, help="also write the images as a float32 .npy array")
+    verb("encode", "images -> posterior means (N, latent_dim) .npy", takes_input=True)
+    reconstruct = verb("reconstruct", "images -> reconstructions", takes_input=True)
+    reconstruct.add_argument("--npy", type=Path, help="also write the reconstructions as a float32 .npy array")
+    interpolate = verb("interpolate", "decode the line between two images' latents as a PNG strip", takes_input=True)
+    interpolate.add_argument("--steps", type=_positive, default=8, help="images in the strip")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -63,6 +128,57 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, [*args.overrides, "tune.enabled=true"])
+    from .pipeline import run_pipeline
+    run_dir = args.run_dir or Path("runs") / cfg.name
+    summary = run_pipeline(cfg, run_dir, ["preprocess", "tune"], set())
+    tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
+    print(json.dumps(summary["steps"], indent=2))
+    print(f"sweep report: {tune_dir / 'trials.md'} {tune_dir / 'trials.csv'} {tune_dir / 'trials.png'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .model_eval import EvaluateRequest, evaluate
+    report = evaluate(EvaluateRequest(model_uri=args.model, out=args.out, data=args.data, split=args.split,
+                                      num_images=args.n, seed=args.seed, log=args.log))
+    print(json.dumps(report, indent=2))
+    print(f"metrics: {args.out / 'metrics.json'}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    model = pull.load_model(args.model)
+    shape = pull.image_shape(model)
+    if args.verb == "sample":
+        images = pull.predict(model, None, mode="sample", num_samples=args.num, seed=args.seed)
+    else:
+        inputs = np.concatenate([pull.read_images(path, shape, args.limit or 0) for path in args.input])
+        if args.verb == "encode":
+            np.save(_writable(args.out), pull.predict(model, inputs, mode="encode"))
+            print(f"latents: {args.out}")
+            return 0
+        params = {"mode": "interpolate", "steps": args.steps} if args.verb == "interpolate" else {"mode": "reconstruct"}
+        images = pull.predict(model, inputs, **params)
+    nrow = len(images) if args.verb == "interpolate" else 8
+    print(f"{args.verb}: {pull.write_images(images, _writable(args.out), nrow)} {tuple(images.shape)}")
+    if getattr(args, "npy", None):
+        np.save(_writable(args.npy), images)
+    return 0
+
+
+def _writable(path: Path) -> Path:
+    """``path`` with its folder created; a clear error if it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PullError(f"cannot write {str(path)!r}: {err.strerror}") from err
+    if not os.access(path.parent, os.W_OK):
+        raise PullError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} is not writable")
+    return path
+
+
 def _user_error(err: BaseException) -> BaseException | None:
     """The user-facing error inside ``err`` (Ray wraps a task's exception), if it is one."""
     cause = getattr(err, "cause", None)
@@ -75,10 +191,20 @@ def _user_error(err: BaseException) -> BaseException | None:
     return err if isinstance(err, (TrackingError, PreprocessError)) else None
 
 
+def _interrupt(signum, frame) -> None:
+    # `ray job stop` and schedulers send SIGTERM: unwind like Ctrl-C so the MLflow run is closed as failed.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return {"run": cmd_run}[args.verb](args)
+        command = {"run": cmd_run, "sweep": cmd_sweep, "evaluate": cmd_evaluate}.get(args.verb, cmd_pull)
+        return command(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume from the finished steps", file=sys.stderr)
+        return 130
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None or args.debug:

@@ -63,6 +63,15 @@ def step_key(step: str, cfg: PipelineConfig, upstream: dict[str, dict[str, Any]]
     return stable_hash(step, config_section_of(step, cfg), {name: up["key"] for name, up in upstream.items()})
 
 
+def remove_stale_partials(run_dir: Path) -> list[Path]:
+    """Delete the hidden temporary folders an interrupted run left (a killed step never reaches its
+    ``finally``); they were never visible as step outputs, so nothing complete is touched."""
+    stale = [p for p in run_dir.glob(".*-*.tmp-*") if p.is_dir()] + [p for p in run_dir.glob(".*-*.old-*") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Make ``tmp`` visible as ``final`` in one rename, replacing an older ``final`` (a forced rerun)."""
     if final.exists():

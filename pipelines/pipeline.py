@@ -42,6 +42,8 @@ def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: set[str]) -> dict[str, Any]:
     cfg = with_absolute_paths(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for path in dag.remove_stale_partials(run_dir):
+        print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
     uri = tracking.resolve_tracking_uri(cfg, run_dir)
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
     connect_ray()

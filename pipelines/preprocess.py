@@ -57,9 +57,11 @@ def detect_format(source: str) -> str:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
+def idx_blocks(cfg: DataConfig) -> tuple[list[dict[str, np.ndarray]], list[str]]:
+    """The IDX source as 5000-row blocks of numpy columns: ``image`` uint8 (B, 1, H, W), ``label``,
+    ``key`` and ``is_test``; and the class names. Plain numpy, so a benchmark can run it without Ray."""
     idx_dir = vdata.find_idx_dir(cfg.source or None, cfg.data_dir)
-    tables = []
+    blocks = []
     for split, offset in (("train", 0), ("test", 10**9)):  # offsets keep the two files' keys apart
         images, labels = vdata.load_idx(idx_dir, split, cache_dir=Path(cfg.data_dir) / "idx-cache")
         keys = np.arange(len(labels), dtype=np.int64) + offset
@@ -68,10 +70,15 @@ def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
             images, labels, keys = images[:keep], labels[:keep], keys[:keep]
         for start in range(0, len(keys), 5000):  # several blocks, so map_batches can run in parallel
             rows = slice(start, start + 5000)
-            tables.append(pa.table({"image": ArrowTensorArray.from_numpy(images[rows].numpy()),
-                                    "label": labels[rows].numpy(), "key": keys[rows],
-                                    "is_test": np.full(len(keys[rows]), split == "test")}))
-    return ray.data.from_arrow(tables), [str(c) for c in range(10)]
+            blocks.append({"image": images[rows].numpy(), "label": labels[rows].numpy(), "key": keys[rows],
+                           "is_test": np.full(len(keys[rows]), split == "test")})
+    return blocks, [str(c) for c in range(10)]
+
+
+def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
+    blocks, classes = idx_blocks(cfg)
+    tables = [pa.table({**block, "image": ArrowTensorArray.from_numpy(block["image"])}) for block in blocks]
+    return ray.data.from_arrow(tables), classes
 
 
 def _read_images(cfg: DataConfig, model: ModelConfig) -> tuple[ray.data.Dataset, list[str]]:

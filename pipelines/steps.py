@@ -20,7 +20,7 @@ from vaegan.featnet import feature_net_path, load_feature_net, load_or_train_fea
 from vaegan.inference import GenerativeModel
 
 from . import preprocess as preprocess_step
-from . import registry, sweep, tracking
+from . import plots, registry, sweep, tracking
 from . import train as train_step
 from .config import PipelineConfig, flatten, merge
 
@@ -30,8 +30,11 @@ def _pre(ups: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
 
 
 def feature_net(cfg: PipelineConfig, ups: dict[str, Any]) -> tuple[Path, str]:
+    return feature_net_for(cfg, *_pre(ups))
+
+
+def feature_net_for(cfg: PipelineConfig, pre_dir: Path, manifest: dict[str, Any]) -> tuple[Path, str]:
     """The domain feature net for this dataset: trained on its train split once, cached by fingerprint."""
-    pre_dir, manifest = _pre(ups)
     cache = Path(cfg.data.data_dir) / "featnets"
     fingerprint = manifest["fingerprint"]
     shape = manifest["image_shape"]
@@ -78,6 +81,7 @@ def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
     history = json.loads(state["history"])
     (out / "history.json").write_text(json.dumps(history, indent=2))
     pngs = write_grids(GenerativeModel.from_checkpoint(state), pre_dir, manifest, out)
+    pngs.append(plots.loss_curves(history, out / "loss_curves.png"))
     tracking.log_artifacts(ctx.tracking_uri, run_id, [*pngs, out / "history.json"])
     tracking.end_run(ctx.tracking_uri, run_id)
     return {"checkpoint": CHECKPOINT_NAME, "mlflow_run_id": run_id, "best_epoch": int(state["epoch"]),
@@ -85,24 +89,27 @@ def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
             "config": dataclasses.asdict(cfg)}
 
 
-def write_grids(model: GenerativeModel, pre_dir: Path, manifest: dict, out: Path, seed: int = 0) -> list[Path]:
-    """samples.png, reconstructions.png and interpolation.png (a latent walk between two test images)."""
-    images, _ = preprocess_step.read_split(pre_dir / "split=test", manifest["image_shape"], limit=32)
+def write_grids(model: GenerativeModel, pre_dir: Path, manifest: dict, out: Path, seed: int = 0,
+                split: str = "test") -> list[Path]:
+    """samples.png, reconstructions.png and interpolation.png (a latent walk between two of the split's
+    images); the split's first 32 images are the fixed set that gets reconstructed."""
+    images, _ = preprocess_step.read_split(pre_dir / f"split={split}", manifest["image_shape"], limit=32)
     originals = torch.from_numpy(images).float() / 255.0
     save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
     return [*train_step.save_grids(model, originals, out, seed), out / "interpolation.png"]
 
 
-def score_checkpoint(cfg: PipelineConfig, state: dict, pre_dir: Path, manifest: dict,
-                     featnet_path: Path) -> dict[str, float]:
-    def split(name: str, limit: int) -> torch.Tensor:
+def score_checkpoint(cfg: PipelineConfig, state: dict, pre_dir: Path, manifest: dict, featnet_path: Path,
+                     split: str = "test", seed: int | None = None) -> dict[str, float]:
+    """Every core metric on ``cfg.eval.num_images`` images of ``split`` (the ELBO gap against the train split)."""
+    def images_of(name: str, limit: int) -> torch.Tensor:
         images, _ = preprocess_step.read_split(pre_dir / f"split={name}", manifest["image_shape"], limit=limit)
         return torch.from_numpy(images).float() / 255.0
 
     return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(featnet_path),
-                          split("test", cfg.eval.num_images), iwae_k=cfg.eval.iwae_k,
-                          iwae_images=cfg.eval.iwae_images, seed=cfg.train.seed,
-                          train_images=split("train", cfg.eval.iwae_images))
+                          images_of(split, cfg.eval.num_images), iwae_k=cfg.eval.iwae_k,
+                          iwae_images=cfg.eval.iwae_images, seed=cfg.train.seed if seed is None else seed,
+                          train_images=images_of("train", cfg.eval.iwae_images))
 
 
 def evaluate(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:

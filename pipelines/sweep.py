@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from tune.space import search_space
 from vaegan.config import from_dict
 
-from . import tracking
+from . import plots, tracking
 from . import train as train_step
 from .config import PipelineConfig, flatten, merge
 
@@ -40,7 +40,9 @@ def max_concurrent_trials(workers_per_trial: int, use_gpu: bool) -> int:
 
 
 def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: Path, out: Path,
-        key: str) -> dict[str, Any]:
+        key: str, param_space: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the sweep; ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
+    for a grid, with ``tune.num_samples=1``: each grid point then runs once)."""
     base = dataclasses.asdict(cfg)
     base["train"]["epochs"] = cfg.tune.max_epochs
 
@@ -57,7 +59,7 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
         # A trial only drives its Train run, so it must hold no CPU (an actor never lends its CPU back while it
         # waits); Tune refuses an empty request, so it asks for a little memory instead.
         ray_tune.with_resources(trial, {"memory": 64 * 1024**2}),
-        param_space=search_space(cfg.model.kind),
+        param_space=param_space or search_space(cfg.model.kind),
         tune_config=ray_tune.TuneConfig(
             metric=train_step.SCORE, mode="min", num_samples=cfg.tune.num_samples,
             scheduler=ASHAScheduler(max_t=cfg.tune.max_epochs, grace_period=cfg.tune.grace_period,
@@ -69,15 +71,19 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
                                       verbose=1),
     )
     results = tuner.fit()
+    tracking.close_open_children(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, f"trial-{key}-")
     rows = trial_rows(results)
-    write_report(rows, out)
+    report = write_report(rows, out)
+    tracking.log_artifacts(ctx.tracking_uri, ctx.parent_run_id, report, "tune")
+    print(f"[tune] {len(rows)} trials, {sum(r['epochs'] for r in rows)} trial-epochs; "
+          f"report: {', '.join(str(p) for p in report)}", flush=True)
     best = results.get_best_result()
     if best.metrics is None or train_step.SCORE not in best.metrics or not math.isfinite(best.metrics[train_step.SCORE]):
         raise RuntimeError(f"no Tune trial reported {train_step.SCORE}; errors: {[r.error for r in results]}")
     print(f"[tune] best trial {train_step.SCORE}={best.metrics[train_step.SCORE]:.3f} with {flatten(best.config)}",
           flush=True)
     return {"overrides": best.config, "best_score": best.metrics[train_step.SCORE], "trials": len(rows),
-            "trial_epochs": sum(r["epochs"] for r in rows), "report": ["trials.csv", "trials.md"]}
+            "trial_epochs": sum(r["epochs"] for r in rows), "report": [p.name for p in report]}
 
 
 def trial_rows(results: ray_tune.ResultGrid) -> list[dict[str, Any]]:
@@ -90,8 +96,8 @@ def trial_rows(results: ray_tune.ResultGrid) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (math.isnan(r[train_step.SCORE]), r[train_step.SCORE]))
 
 
-def write_report(rows: list[dict[str, Any]], out: Path) -> None:
-    """The trials table as CSV and as markdown, best first."""
+def write_report(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """The trials table as CSV and markdown, best first, and trials.png: the metric against each parameter."""
     columns = list(rows[0]) if rows else []
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -100,6 +106,9 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> None:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
     (out / "trials.md").write_text("\n".join(lines) + "\n")
+    params = [c for c in columns if c not in ("trial", train_step.SCORE, "epochs", "error")]
+    plots.metric_vs_params(rows, params, train_step.SCORE, out / "trials.png")
+    return [out / "trials.csv", out / "trials.md", out / "trials.png"]
 
 
 def _cell(value: Any) -> str:

@@ -98,6 +98,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
                                                drop_last=True))
         summary = train_epoch(trainer, batches)
         summary["images_per_s"] *= world  # the epoch's global throughput
+        summary["torch_threads"] = float(torch.get_num_threads())  # Ray sets OMP_NUM_THREADS to the worker's CPUs
         model = GenerativeModel.from_checkpoint(checkpoint_payload(trainer))
         val = validation.run(model)
         summary.update(val)

@@ -41,7 +41,7 @@ def test_summary_contract(smoke_run, mlflow_server):
     # Progress is visible: one line per epoch with throughput, and the tune table.
     assert "[train] epoch 1" in first.stdout + first.stderr and "images/s=" in first.stdout + first.stderr
     train_dir = run_dir / f"train-{summary['steps']['train']['key']}"
-    for png in ("samples.png", "reconstructions.png", "interpolation.png"):
+    for png in ("samples.png", "reconstructions.png", "interpolation.png", "loss_curves.png"):
         assert (train_dir / png).read_bytes()[:4] == b"\x89PNG"
     tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
     assert len((tune_dir / "trials.csv").read_text().splitlines()) == 1 + 2  # header + num_samples trials
@@ -64,6 +64,9 @@ def test_mlflow_holds_parent_and_child_runs(smoke_run, mlflow_server):
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"samples.png", "reconstructions.png", "epoch_001"} <= artifacts
     assert "test/fid" in parents[0].data.metrics
+    assert all(r.info.status == "FINISHED" for r in children), "trials Tune tore down are closed too"
+    tune_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "tune")}
+    assert {"tune/trials.csv", "tune/trials.md", "tune/trials.png"} <= tune_artifacts
 
 
 LOAD_SCRIPT = textwrap.dedent("""
@@ -96,6 +99,39 @@ def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, mlflow_
     assert out["encode"] == [[16, 16], "float32"]  # smoke.yaml's latent_dim
     assert out["reconstruct"][:2] == [[16, 1, 28, 28], "float32"]
     assert 0 <= out["reconstruct"][2] and out["reconstruct"][3] <= 1
+
+
+def test_sweep_verb_writes_the_report(smoke_run, mlflow_server):
+    run_dir, _, env, summary, _ = smoke_run
+    done = run_cli("sweep", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
+    assert f"sweep report: {tune_dir / 'trials.md'}" in done.stdout  # same config: the sweep is reused
+    lines = (tune_dir / "trials.md").read_text().splitlines()
+    header, rows = lines[0], lines[2:]  # lines[1] is the markdown rule
+    assert "val/fid" in header and "epochs" in header and "loss.gamma" in header and len(rows) == 2
+    assert (tune_dir / "trials.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_verb_scores_the_registered_model_like_the_pipeline(smoke_run, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+    run_dir, _, env, summary, _ = smoke_run
+    out = tmp_path / "evaluation"
+    done = run_cli("evaluate", "--model", "models:/vaegan-smoke@champion", "--data", str(run_dir), "--n", "128",
+                   "--out", str(out), "--log", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= report["metrics"].keys() and report["num_images"] == 128
+    assert report["feature_net"] == summary["feature_net"] and report["seeds"] == {"samples": 0, "iwae": 0}
+    # Same checkpoint, images, feature net and sampling seed as the pipeline's evaluate step.
+    for key in ("fid", "kid", "precision", "recall", "recon_mse", "active_units"):
+        assert report["metrics"][key] == pytest.approx(summary["metrics"][key], rel=1e-5, abs=1e-6), key
+    for png in ("samples.png", "reconstructions.png", "interpolation.png", "loss_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and png in report["pngs"]
+    client = MlflowClient(mlflow_server)
+    logged = {a.path for a in client.list_artifacts(report["logged_to_run"], "evaluate-test")}
+    assert {"evaluate-test/metrics.json", "evaluate-test/loss_curves.png"} <= logged
+    assert "evaluate-test/fid" in client.get_run(report["logged_to_run"]).data.metrics
 
 
 def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, mlflow_server):

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A real two-node Ray cluster on this machine, token authentication on: a head node (GCS, job server
+# and dashboard on 127.0.0.1) and one worker node joined with `ray start --address`, each with its
+# own CPUs and object store.
+#
+#   deploy/local_cluster.sh up      # start it; prints the exports a client needs
+#   eval "$(deploy/local_cluster.sh env)"
+#   ray job submit --address http://127.0.0.1:8265 --working-dir . -- vaegan run --config pipelines/configs/smoke.yaml
+#   deploy/local_cluster.sh down    # stop it (like `ray stop`: every Ray node of this user on this machine)
+#
+# The token lives in $VAEGAN_CLUSTER_DIR/auth_token (mode 600, made on first `up`), never in a command
+# line or a log. Settings, from the environment: VAEGAN_CLUSTER_DIR (default ~/.vaegan/local-cluster),
+# HEAD_CPUS / WORKER_CPUS (default 1 each, so a 2-worker Train run spans both nodes), OBJECT_STORE_MB
+# (per node, default 512), GCS_PORT (default 6390), DASHBOARD_PORT (default 8265).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${VAEGAN_CLUSTER_DIR:-$HOME/.vaegan/local-cluster}"
+GCS_PORT="${GCS_PORT:-6390}"
+DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+OBJECT_STORE_BYTES=$(( ${OBJECT_STORE_MB:-512} * 1024 * 1024 ))
+# Job entrypoints inherit the nodes' PATH: put the project's venv first so `vaegan` resolves.
+if [[ -x "$ROOT/.venv/bin/ray" ]]; then
+  export PATH="$ROOT/.venv/bin:$PATH"
+fi
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
+
+ensure_token() {
+  mkdir -p "$STATE"
+  if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH")
+  fi
+}
+
+wait_for_nodes() {
+  python - "$1" <<'EOF'
+import sys, time
+import ray
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_driver=False)
+deadline = time.time() + 60
+while sum(node["Alive"] for node in ray.nodes()) < 2:
+    if time.time() > deadline:
+        sys.exit("the worker node did not join within 60s")
+    time.sleep(0.5)
+print(f"cluster up: {ray.cluster_resources()}")
+EOF
+}
+
+print_env() {
+  echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+}
+
+case "${1:-}" in
+  up)
+    ensure_token
+    ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+      --num-cpus="${HEAD_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" \
+      --disable-usage-stats > "$STATE/head.log" 2>&1 || { cat "$STATE/head.log" >&2; exit 1; }
+    # Its own temp dir, so the two nodes' log monitors do not both forward the same worker logs.
+    ray start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --temp-dir="$STATE/worker" \
+      --num-cpus="${WORKER_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" \
+      --disable-usage-stats > "$STATE/worker.log" 2>&1 || { cat "$STATE/worker.log" >&2; exit 1; }
+    wait_for_nodes "$GCS_PORT"
+    echo "job server: http://127.0.0.1:$DASHBOARD_PORT   (clients need:)"
+    print_env
+    ;;
+  down)
+    ray stop --grace-period 20 > /dev/null
+    echo "cluster down"
+    ;;
+  env)
+    print_env
+    ;;
+  *)
+    echo "usage: $0 up|down|env" >&2
+    exit 2
+    ;;
+esac

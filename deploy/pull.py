@@ -1,0 +1,167 @@
+"""Pull a registered model from MLflow and make images with it: what ``vaegan sample | encode |
+reconstruct | interpolate`` run, and the one function Python users need.
+
+    import numpy as np
+    from deploy.pull import load_model
+    model = load_model("models:/vaegan-fashion-mnist@champion")  # MLFLOW_TRACKING_URI names the server
+    images = model.predict(np.zeros((1, 1, 28, 28), np.float32), params={"mode": "sample", "num_samples": 16})
+
+Everything goes through the registered pyfunc (``deploy/pyfunc_model.py``), the same code that
+``mlflow models serve`` runs, so the CLI, Python and the REST endpoint give the same answers.
+Inputs for encode/reconstruct/interpolate (``read_images``): an image file, a folder of images, a
+``.npy`` array ((H, W), (N, H, W) or (N, C, H, W); uint8 0..255 or float in [0, 1]), or a Parquet
+split written by the pipeline (``runs/<name>/preprocess-<key>/test``). They are resized and converted
+to the model's channels as the pipeline's preprocess does.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torchvision
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PyFuncModel
+from PIL import Image
+
+from vaegan.data import match_channels, resize_images
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+PYFUNC_CLASS = "VAEGANPyfunc"
+PREDICT_BATCH = 1024  # the pyfunc's per-request image cap
+
+
+class PullError(Exception):
+    """A model or input the user named cannot be used; the message says which and why."""
+
+
+def load_model(model_uri: str) -> PyFuncModel:
+    """The registered vaegan pyfunc behind ``model_uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ...)."""
+    try:
+        with warnings.catch_warnings():
+            # MLflow advises type hints on predict() (the logged signature already types the model) under
+            # its own simplefilter("once"), which no filter of ours outranks; so drop it where it is shown.
+            show = warnings.showwarning
+            warnings.showwarning = lambda message, *args, **kwargs: (
+                None if "type hint" in str(message) else show(message, *args, **kwargs))
+            model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as err:
+        raise PullError(f"cannot load model {model_uri!r} from {mlflow.get_tracking_uri()}: "
+                        f"{str(err).splitlines()[0]}") from err
+    try:
+        python_model = model.unwrap_python_model()
+    except MlflowException:
+        python_model = None
+    if type(python_model).__name__ != PYFUNC_CLASS:
+        flavours = ", ".join(sorted(model.metadata.flavors))
+        raise PullError(f"model {model_uri!r} is not a vaegan model (flavours: {flavours}); "
+                        "expected one registered by `vaegan run`")
+    return model
+
+
+def image_shape(model: PyFuncModel) -> tuple[int, int, int]:
+    """(C, H, W) of the images the model takes and makes, from its signature."""
+    return tuple(model.metadata.get_input_schema().inputs[0].shape[1:])
+
+
+def predict(model: PyFuncModel, images: np.ndarray | None, **params) -> np.ndarray:
+    """Run the pyfunc; image inputs go in batches under its per-request cap."""
+    shape = image_shape(model)
+    try:
+        if images is None:  # sample mode ignores the input; the signature still wants a tensor
+            return model.predict(np.zeros((1, *shape), np.float32), params=params)
+        if params.get("mode") == "interpolate":
+            return model.predict(images[:2], params=params)
+        return np.concatenate([model.predict(images[i:i + PREDICT_BATCH], params=params)
+                               for i in range(0, len(images), PREDICT_BATCH)])
+    except (MlflowException, ValueError) as err:
+        raise PullError(str(err).splitlines()[0]) from err
+
+
+def read_images(path: str | Path, shape: tuple[int, int, int], limit: int = 0) -> np.ndarray:
+    """Images at ``path`` as float32 (N, C, H, W) in [0, 1] with the model's ``shape``; ``limit`` > 0 keeps the first."""
+    path = Path(path)
+    if not path.exists():
+        raise PullError(f"input {str(path)!r} does not exist; allowed: an image file, a folder of images, "
+                        "a .npy array or a Parquet split")
+    if path.suffix == ".npy":
+        images = _from_npy(path)
+    elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+        images = _from_parquet(path, shape)
+    elif path.is_dir():
+        images = _from_folder(path, shape[0])
+    else:
+        images = _decode(path, shape[0]).unsqueeze(0)
+    if limit:
+        images = images[:limit]
+    if len(images) == 0:
+        raise PullError(f"input {str(path)!r} holds no images")
+    return resize_images(match_channels(images, shape[0]), shape[1]).clamp_(0, 1).numpy()
+
+
+def _from_npy(path: Path) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise PullError(f"{path} is not a plain numeric .npy array: {err}") from err
+    if array.ndim not in (2, 3, 4):
+        raise PullError(f"{path} has shape {array.shape}; allowed: (H, W), (N, H, W) or (N, C, H, W)")
+    if array.ndim == 2:
+        array = array[None, None]
+    elif array.ndim == 3:
+        array = array[:, None]
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array.astype(np.float32) / 255.0)
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() \
+            or array.min() < 0 or array.max() > 1:
+        raise PullError(f"{path} holds {array.dtype} values; allowed: uint8 0..255 or finite floats in [0, 1]")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def _from_parquet(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The pipeline's split layout: one row per image, ``image`` holding C*H*W raw uint8 bytes."""
+    try:
+        column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    except (KeyError, OSError, ValueError) as err:
+        raise PullError(f"{path} is not a pipeline Parquet split with an 'image' column: {err}") from err
+    size = int(np.prod(shape))
+    bad = next((len(row) for row in column if len(row) != size), None)
+    if bad is not None:
+        raise PullError(f"{path} holds images of {bad} bytes; the model takes {shape} = {size} bytes per image")
+    return torch.from_numpy(np.frombuffer(b"".join(column), np.uint8).reshape(-1, *shape).astype(np.float32) / 255)
+
+
+def _from_folder(path: Path, channels: int) -> torch.Tensor:
+    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PullError(f"folder {str(path)!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = [_decode(f, channels) for f in files]
+    sizes = {tuple(image.shape[-2:]) for image in images}
+    if len(sizes) > 1:  # resize each to the largest side's square first so they stack
+        side = max(max(s) for s in sizes)
+        images = [resize_images(image.unsqueeze(0), side)[0] for image in images]
+    return torch.stack(images)
+
+
+def _decode(path: Path, channels: int) -> torch.Tensor:
+    """(C, H, W) float in [0, 1]; Pillow converts any mode (palette, alpha, 16-bit) to L or RGB."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise PullError(f"cannot decode image {str(path)!r}: {err}") from err
+    return torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+
+
+def write_images(images: np.ndarray, out: str | Path, nrow: int = 8) -> Path:
+    """A PNG grid (``.png``) or the raw float32 array (``.npy``) of (N, C, H, W) images in [0, 1]."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, images.astype(np.float32))
+    else:
+        torchvision.utils.save_image(torch.from_numpy(images), out, nrow=nrow, padding=2, pad_value=1.0)
+    return out

@@ -1,0 +1,124 @@
+"""``vaegan evaluate``: score a registered model on a data split, the way the pipeline's evaluate step does.
+
+Inputs:  a model URI (``models:/NAME@ALIAS``), data (a run folder, a preprocess folder, or a source
+         that Ray Data preprocesses first; default Fashion-MNIST), a split and a number of images.
+Outputs: ``<out>/metrics.json`` (the core metrics, the feature net, the sample count and seeds) and
+         samples.png, reconstructions.png (a fixed set of split images beside their reconstructions),
+         interpolation.png, loss_curves.png (when the checkpoint carries a training history);
+         with ``log``, all of them in the model's MLflow run under ``evaluate-<split>/``.
+Run it:  ``vaegan evaluate --model models:/vaegan-fashion-mnist@champion --data runs/default --n 10000``
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deploy.pull import PullError
+from vaegan.checkpoint import CHECKPOINT_NAME, config_of, load_checkpoint
+from vaegan.config import ConfigError, from_dict
+from vaegan.inference import GenerativeModel
+
+from . import plots, steps
+from . import preprocess as preprocess_step
+from .config import DataConfig, EvalConfig, PipelineConfig
+from .pipeline import connect_ray, write_json_atomic
+
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class EvaluateRequest:
+    model_uri: str
+    out: Path
+    data: str = ""  # run folder, preprocess folder or source; "" = Fashion-MNIST
+    split: str = "test"
+    num_images: int = 10000
+    seed: int = 0
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: bool = False
+
+
+def download_checkpoint(model_uri: str, dst: Path) -> dict[str, Any]:
+    """The registered model's weights (``torch.load(weights_only=True)``), without running its code."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as err:
+        raise PullError(f"cannot download model {model_uri!r} from {mlflow.get_tracking_uri()}: "
+                        f"{str(err).splitlines()[0]}") from err
+    found = sorted(local.rglob(CHECKPOINT_NAME))
+    if not found:
+        raise PullError(f"model {model_uri!r} has no {CHECKPOINT_NAME} artifact; expected one registered by `vaegan run`")
+    return load_checkpoint(found[0])
+
+
+def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> tuple[Path, dict[str, Any]]:
+    """A preprocess folder (Parquet splits + manifest) with the model's image shape."""
+    path = Path(data) if data else None
+    shape = [cfg.model.channels, cfg.model.image_size, cfg.model.image_size]
+    if path is not None and (path / MANIFEST).is_file():
+        candidates = [path]
+    elif path is not None and path.is_dir() and any(path.glob(f"preprocess-*/{MANIFEST}")):
+        candidates = sorted((p.parent for p in path.glob(f"preprocess-*/{MANIFEST}")),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+    else:  # a source: preprocess it with Ray Data as the pipeline would
+        connect_ray()
+        target = out / "preprocess"
+        target.mkdir(parents=True, exist_ok=True)
+        data_cfg = DataConfig(source=str(path.resolve()) if path else "")
+        data_cfg.validate()
+        return target, preprocess_step.run(data_cfg, cfg.model, target)
+    for candidate in candidates:
+        manifest = json.loads((candidate / MANIFEST).read_text())
+        if manifest["image_shape"] == shape:
+            return candidate, manifest
+    raise ConfigError(f"--data {data!r} holds no preprocessed data of the model's shape {shape}")
+
+
+def evaluate(request: EvaluateRequest) -> dict[str, Any]:
+    request.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = download_checkpoint(request.model_uri, Path(tmp))
+    eval_cfg = dataclasses.replace(request.eval, num_images=request.num_images)
+    cfg = from_dict(PipelineConfig, {**dataclasses.asdict(config_of(state)), "eval": dataclasses.asdict(eval_cfg)})
+    pre_dir, manifest = preprocessed_data(request.data, cfg, request.out)
+    counts = manifest["counts"]
+    if counts.get(request.split, 0) == 0:
+        raise ConfigError(f"--split {request.split!r} has no images in {pre_dir} (counts: {counts})")
+    featnet_path, featnet_name = steps.feature_net_for(cfg, pre_dir, manifest)
+    scores = steps.score_checkpoint(cfg, state, pre_dir, manifest, featnet_path, split=request.split,
+                                    seed=request.seed)
+    model = GenerativeModel.from_checkpoint(state)
+    pngs = steps.write_grids(model, pre_dir, manifest, request.out, seed=request.seed, split=request.split)
+    history = json.loads(state.get("history", "[]"))
+    if history:
+        pngs.append(plots.loss_curves(history, request.out / "loss_curves.png"))
+    report = {"model_uri": request.model_uri, "metrics": scores, "feature_net": featnet_name,
+              "data": {"dir": str(pre_dir), "fingerprint": manifest["fingerprint"], "split": request.split},
+              "num_images": min(request.num_images, counts[request.split]),
+              "seeds": {"samples": request.seed, "iwae": request.seed},
+              "iwae": {"k": cfg.eval.iwae_k, "images": cfg.eval.iwae_images},
+              "pngs": [p.name for p in pngs]}
+    write_json_atomic(request.out / "metrics.json", report)
+    if request.log:
+        report["logged_to_run"] = log_to_model_run(request, scores, [request.out / "metrics.json", *pngs])
+        write_json_atomic(request.out / "metrics.json", report)
+    return report
+
+
+def log_to_model_run(request: EvaluateRequest, scores: dict[str, float], files: list[Path]) -> str:
+    """Metrics and files into the MLflow run that produced the model version."""
+    run_id = mlflow.models.get_model_info(request.model_uri).run_id
+    client = MlflowClient()
+    prefix = f"evaluate-{request.split}"
+    for name, value in scores.items():
+        client.log_metric(run_id, f"{prefix}/{name}", value)
+    for path in files:
+        client.log_artifact(run_id, str(path), prefix)
+    return run_id

@@ -1,0 +1,50 @@
+"""The PNG figures people would rather see than read: loss curves of a run, a sweep's metric against
+each searched parameter. Matplotlib with the file-only Agg backend (no display on clusters)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+LOSS_KEYS = ("loss/enc/total", "loss/dec/total", "loss/dis/total")
+VALIDATION_KEYS = ("val/fid", "val/elbo")
+
+
+def loss_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
+    """One panel per network's total loss and per validation score, against the epoch."""
+    keys = [k for k in (*LOSS_KEYS, *VALIDATION_KEYS) if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(h.get("epoch", i + 1), h[key]) for i, h in enumerate(history) if key in h]
+        ax.plot(*zip(*points), marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def metric_vs_params(rows: Sequence[dict[str, Any]], params: Sequence[str], metric: str, path: Path) -> Path:
+    """A scatter of ``metric`` against each parameter (log x-axis for positive ranges over a decade)."""
+    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False, sharey=True)
+    for ax, param in zip(axes[0], params):
+        points = [(r[param], r[metric]) for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
+        if points:
+            xs, ys = zip(*points)
+            ax.scatter(xs, ys)
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:
+                ax.set_xscale("log")
+        ax.set_xlabel(param)
+    axes[0][0].set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,268 @@
+"""Deploy, end to end on real parts: a two-node Ray cluster from ``deploy/local_cluster.sh`` (token
+auth on), the smoke pipeline sent with the real ``ray job submit`` CLI to a real ``mlflow server``,
+registry pulls from fresh processes (CLI verbs and Python), and ``mlflow models serve`` answering
+real HTTP requests. These are the commands docs/deploy.md gives.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, REPO, free_port, stop_group, wait_for_http
+
+SMOKE = "pipelines/configs/smoke.yaml"
+MODEL = "vaegan-deploy-test"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """deploy/local_cluster.sh up ... down, on free ports, with its own token."""
+    state = Path(tempfile.mkdtemp(prefix="vc-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "VAEGAN_CLUSTER_DIR": str(state),
+           "GCS_PORT": str(gcs_port), "DASHBOARD_PORT": str(dashboard_port)}
+    env.pop("RAY_ADDRESS", None)
+    script = str(REPO / "deploy" / "local_cluster.sh")
+    up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stdout + up.stderr
+    client_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
+    try:
+        yield {"address": f"http://127.0.0.1:{dashboard_port}", "gcs": f"127.0.0.1:{gcs_port}", "env": client_env,
+               "up_output": up.stdout}
+    finally:
+        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def ray_cli(cluster, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env or cluster["env"], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def submit(cluster, tracking_uri: str, run_dir: Path, *pipeline_args: str, wait: bool = True,
+           submission_id: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The README's `ray job submit ... -- vaegan run`, with the tracking URI in the job's runtime env."""
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}}
+    return ray_cli(cluster, "job", "submit", "--address", cluster["address"], "--working-dir", ".",
+                   "--runtime-env-json", json.dumps(runtime_env),
+                   *(["--submission-id", submission_id] if submission_id else []), *([] if wait else ["--no-wait"]),
+                   "--", "vaegan", "run", "--config", SMOKE, "--run-dir", str(run_dir), *pipeline_args, env=env)
+
+
+def job_status(cluster, submission_id: str) -> str:
+    out = ray_cli(cluster, "job", "status", "--address", cluster["address"], submission_id, timeout=60)
+    text = (out.stdout + out.stderr).lower()  # "Job 'x' succeeded", "... is currently RUNNING", ...
+    return next((status.upper() for status in ("succeeded", "failed", "stopped", "running", "pending")
+                 if status in text), text)
+
+
+@pytest.fixture(scope="module")
+def smoke_job(cluster, mlflow_server, tmp_path_factory):
+    """The smoke pipeline submitted to the two-node cluster, 2 Train workers (one per node's CPU)."""
+    run_dir = tmp_path_factory.mktemp("job-run")
+    start = time.time()
+    proc = submit(cluster, mlflow_server, run_dir, "--set", "train.num_workers=2", "--set", f"register.model_name={MODEL}",
+                  "--set", "register.experiment=deploy-test", submission_id="vaegan-smoke-job")
+    return {"proc": proc, "run_dir": run_dir, "seconds": time.time() - start}
+
+
+def test_local_cluster_has_two_nodes_with_token_auth(cluster):
+    nodes = ray_cli(cluster, "list", "nodes", "--address", cluster["gcs"], "--format", "json", timeout=60)
+    assert nodes.returncode == 0, nodes.stderr
+    alive = [n for n in json.loads(nodes.stdout) if n["state"] == "ALIVE"]
+    assert len(alive) == 2 and sum(n["is_head_node"] for n in alive) == 1
+    assert "RAY_AUTH_MODE=token" in cluster["up_output"]
+    token = Path(cluster["env"]["RAY_AUTH_TOKEN_PATH"])
+    assert token.stat().st_mode & 0o077 == 0, "the token file must be private"
+    assert token.read_text().strip() not in cluster["up_output"]
+
+
+def test_submitted_job_succeeds_across_both_nodes_and_registers(cluster, smoke_job, mlflow_server):
+    proc = smoke_job["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert job_status(cluster, "vaegan-smoke-job") == "SUCCEEDED"
+    summary = json.loads((smoke_job["run_dir"] / "summary.json").read_text())
+    assert summary["tracking_uri"] == mlflow_server
+    assert summary["model_uri"] == f"models:/{MODEL}@champion"
+
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert int(version.version) == summary["model_version"]
+    train_run = client.get_run(version.run_id)
+    worker_nodes = set(train_run.data.tags["train.node_ids"].split(","))
+    nodes = ray_cli(cluster, "list", "nodes", "--address", cluster["gcs"], "--format", "json", timeout=60)
+    cluster_nodes = {n["node_id"] for n in json.loads(nodes.stdout)}
+    assert len(worker_nodes) == 2 and worker_nodes == cluster_nodes, "the 2 Train workers must run on both nodes"
+
+
+def fresh_env(tmp_path: Path, tracking_uri: str) -> dict[str, str]:
+    """What a user's shell has: PATH and MLFLOW_TRACKING_URI, nothing of the pipeline or the cluster."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri}
+
+
+def vaegan(tmp_path: Path, tracking_uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "vaegan"), *args], cwd=tmp_path, env=fresh_env(tmp_path, tracking_uri),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pull_verbs_from_a_fresh_process(smoke_job, mlflow_server, tmp_path):
+    assert smoke_job["proc"].returncode == 0
+    uri = f"models:/{MODEL}@champion"
+    for seed in (0, 0, 1):
+        out = vaegan(tmp_path, mlflow_server, "sample", "--model", uri, "--num", "16", "--seed", str(seed),
+                     "--out", f"grid{seed}.png", "--npy", f"samples{seed}-{time.time_ns()}.npy")
+        assert out.returncode == 0, out.stderr
+    arrays = sorted(tmp_path.glob("samples*.npy"))
+    first, again, other = (np.load(p) for p in arrays)
+    assert first.shape == (16, 1, 28, 28) and first.dtype == np.float32 and 0 <= first.min() <= first.max() <= 1
+    assert np.array_equal(first, again) and not np.array_equal(first, other), "the seed fixes the samples"
+    with Image.open(tmp_path / "grid0.png") as grid:
+        assert grid.size == (2 + 8 * 30, 2 + 2 * 30), "8 columns x 2 rows of 28 px with 2 px padding"
+
+    test_split = next(smoke_job["run_dir"].glob("preprocess-*/split=test"))
+    out = vaegan(tmp_path, mlflow_server, "encode", "--model", uri, "--input", str(test_split), "--limit", "40",
+                 "--out", "latents.npy")
+    assert out.returncode == 0, out.stderr
+    assert np.load(tmp_path / "latents.npy").shape == (40, 16)
+
+    out = vaegan(tmp_path, mlflow_server, "reconstruct", "--model", uri, "--input", str(arrays[0]),
+                 "--out", "recon.png", "--npy", "recon.npy")
+    assert out.returncode == 0, out.stderr
+    recon = np.load(tmp_path / "recon.npy")
+    assert recon.shape == first.shape and np.abs(recon - first).mean() < 0.25
+
+    torchvision.utils.save_image(torch.from_numpy(first[0]), tmp_path / "a.png")
+    torchvision.utils.save_image(torch.from_numpy(first[1]), tmp_path / "b.png")
+    out = vaegan(tmp_path, mlflow_server, "interpolate", "--model", uri, "--input", "a.png", "--input", "b.png",
+                 "--steps", "6", "--out", "strip.png")
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "strip.png") as strip:
+        assert strip.size == (2 + 6 * 30, 32)
+
+    python = ("import numpy as np; from deploy.pull import load_model; m = load_model('%s'); "
+              "x = m.predict(np.zeros((1, 1, 28, 28), np.float32), params={'mode': 'sample', 'num_samples': 16}); "
+              "print(x.shape, float(x.min()) >= 0, float(x.max()) <= 1)" % uri)
+    env = {**fresh_env(tmp_path, mlflow_server), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    out = subprocess.run([str(BIN / "python"), "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(16, 1, 28, 28) True True"
+
+
+def test_pull_errors_name_what_is_wrong(smoke_job, mlflow_server, tmp_path):
+    cases = [
+        (("sample", "--model", "models:/no-such-model@champion", "--out", "x.png"), "no-such-model"),
+        (("sample", "--model", f"models:/{MODEL}@no-such-alias", "--out", "x.png"), "no-such-alias"),
+        (("encode", "--model", f"models:/{MODEL}@champion", "--input", "missing.png", "--out", "z.npy"),
+         "missing.png"),
+    ]
+    for args, named in cases:
+        out = vaegan(tmp_path, mlflow_server, *args)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("error: ") and named in out.stderr and "Traceback" not in out.stderr
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_mlflow_models_serve_answers_every_mode(smoke_job, mlflow_server, tmp_path):
+    assert smoke_job["proc"].returncode == 0
+    port = free_port()
+    env = {**fresh_env(tmp_path, mlflow_server)}
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", 180, server)
+        url = f"http://127.0.0.1:{port}/invocations"
+        dummy = np.zeros((1, 1, 28, 28), np.float32).tolist()
+        status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 8, "seed": 3}})
+        assert status == 200, body
+        samples = np.asarray(body["predictions"], np.float32)
+        assert samples.shape == (8, 1, 28, 28) and 0 <= samples.min() and samples.max() <= 1
+
+        status, body = post(url, {"inputs": samples.tolist(), "params": {"mode": "encode"}})
+        assert status == 200 and np.asarray(body["predictions"]).shape == (8, 16)
+        status, body = post(url, {"inputs": samples.tolist(), "params": {"mode": "reconstruct"}})
+        recon = np.asarray(body["predictions"])
+        assert status == 200 and recon.shape == (8, 1, 28, 28) and 0 <= recon.min() and recon.max() <= 1
+        status, body = post(url, {"inputs": samples[:2].tolist(), "params": {"mode": "interpolate", "steps": 5}})
+        assert status == 200 and np.asarray(body["predictions"]).shape == (5, 1, 28, 28)
+
+        status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 5000}})
+        assert status == 400 and "num_samples=5000" in body["message"]
+        status, body = post(url, {"inputs": np.zeros((2, 3, 28, 28)).tolist(), "params": {"mode": "encode"}})
+        assert 400 <= status < 500, body
+    finally:
+        stop_group(server)
+        log.close()
+
+
+def test_job_stop_leaves_no_partial_outputs_or_registry_entry(cluster, smoke_job, mlflow_server, tmp_path):
+    """Stop a running job mid-training: visible step folders are complete, nothing is registered,
+    and the next run sweeps the half-written temporary folders away."""
+    model, run_dir, job = "vaegan-stopped-test", tmp_path / "run", "vaegan-stop-job"
+    args = ("--set", "tune.enabled=false", "--set", "train.epochs=20", "--set", f"register.model_name={model}",
+            "--set", "register.experiment=deploy-test")
+    out = submit(cluster, mlflow_server, run_dir, *args, wait=False, submission_id=job)
+    assert out.returncode == 0, out.stderr
+    deadline = time.time() + 300
+    while not list(run_dir.glob(".train-*.tmp-*")):
+        assert time.time() < deadline and job_status(cluster, job) in ("PENDING", "RUNNING"), "training never began"
+        time.sleep(2)
+    time.sleep(15)  # well into training: at least one checkpoint on its way
+    stop = ray_cli(cluster, "job", "stop", "--address", cluster["address"], job, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert job_status(cluster, job) == "STOPPED"
+
+    visible = [p for p in run_dir.iterdir() if not p.name.startswith(".")]
+    step_dirs = [p for p in visible if p.is_dir() and p.name != "ray"]
+    assert sorted(p.name.split("-")[0] for p in step_dirs) == ["preprocess", "tune"]  # tune: done, disabled
+    assert all((p / "outputs.json").is_file() for p in step_dirs)
+    for checkpoint in (run_dir / "ray").rglob("checkpoint.pt"):
+        assert torch.load(checkpoint, weights_only=True)["epoch"] >= 1
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        MlflowClient(mlflow_server).get_registered_model(model)
+
+    again = submit(cluster, mlflow_server, run_dir, *args, "--steps", "preprocess")
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert "left half-written by an interrupted run" in again.stdout
+    assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]
+
+
+def test_submission_without_the_token_is_refused(cluster, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    no_token = {k: v for k, v in cluster["env"].items() if not k.startswith("RAY_AUTH")} | {"HOME": str(home)}
+    wrong_token = {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+    for env in (no_token, wrong_token):
+        out = ray_cli(cluster, "job", "submit", "--address", cluster["address"], "--submission-id", "intruder",
+                      "--", "echo", "pwned", env=env, timeout=120)
+        assert out.returncode != 0
+        assert "401" in out.stdout + out.stderr or "uthenticat" in out.stdout + out.stderr
+    listed = ray_cli(cluster, "job", "list", "--address", cluster["address"], timeout=60)
+    assert listed.returncode == 0 and "intruder" not in listed.stdout
