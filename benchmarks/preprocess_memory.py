@@ -27,13 +27,10 @@ the worker's heap ("output ... write task(s)" says how many tasks shared the row
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
-import platform
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,40 +44,33 @@ try:
     import psutil
 except ImportError as err:  # ray[default] vendors psutil in ray/thirdparty_files
     raise SystemExit(f"psutil is not importable ({err}); install ray[default] or psutil") from err
+import common
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from pipelines import preprocess
 from pipelines.config import DataConfig
 from vaegan.config import ModelConfig
 from vaegan.data import make_shapes
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    p = common.argument_parser(__doc__, work_dir=Path("/tmp/vaegan-bench"))
     p.add_argument("--n", type=int, default=50000, help="source images (default 50000: 586 MiB decoded)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--object-store-mb", type=int, default=128, help="Ray object store, MiB")
     p.add_argument("--rows-per-file", type=int, default=DataConfig.rows_per_file,
                    help="data.rows_per_file of the preprocess output (default: DataConfig's)")
     p.add_argument("--source-rows-per-file", type=int, default=2000, help="rows per generated source Parquet file")
-    p.add_argument("--work-dir", type=Path, default=Path("/tmp/vaegan-bench"),
-                   help="cache of the generated source and scratch for the output")
     p.add_argument("--interval", type=float, default=0.2, help="sampling period, seconds")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    p.add_argument("--quick", action="store_true", help="2000 images (smoke run for tests)")
     p.add_argument("--keep-output", action="store_true", help="keep the preprocess output folder")
-    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    if args.quick:
+    if args.quick:  # 2000 images
         args.n = 2000
         args.source_rows_per_file = min(args.source_rows_per_file, 500)  # 4 source files
-    args.out = args.out or RESULTS / ("preprocess_memory_quick.json" if args.quick else "preprocess_memory.json")
+    args.out = common.result_path(args, "preprocess_memory")
     return args
 
 
@@ -228,46 +218,40 @@ class Sampler(threading.Thread):
 # -- the benchmark ---------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    vm = psutil.virtual_memory()
-    return {"hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "memory_gb": round(vm.total / 2**30, 1),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "ray": ray.__version__, "pyarrow": pa.__version__}
+def measure(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, sampler: Sampler,
+            **ray_init_kwargs) -> tuple[dict, dict[str, float]]:
+    """Start a local Ray cluster and run the preprocess step on it while ``sampler`` samples.
 
-
-def measure(args: argparse.Namespace, source: Path, out_dir: Path, sampler: Sampler) -> tuple[dict, float, float]:
-    """Run the preprocess step on a fresh local Ray cluster while ``sampler`` samples; returns
-    (manifest, total seconds, seconds until write_parquet returned)."""
-    data_cfg = DataConfig(source=str(source), rows_per_file=args.rows_per_file)
-    data_cfg.validate()
-    model_cfg = ModelConfig(image_size=args.image_size, channels=3)
+    Returns the manifest and the seconds of each phase: ``ray_init`` (cluster start), ``ray_data``
+    (read .. write_parquet returned) and ``manifest`` (the driver reads the output back).
+    """
     sampler.baseline_mb = sampler.driver.memory_info().rss / MiB
     sampler.start()
-    ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MiB,
-             include_dashboard=False)
+    times = {"start": time.perf_counter()}
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        sampler.attach()
-        times: dict[str, float] = {}
-        real_build_manifest = preprocess.build_manifest
+        with common.local_ray(**ray_init_kwargs):
+            times["ray_ready"] = time.perf_counter()
+            sampler.attach()
+            real_build_manifest = preprocess.build_manifest
 
-        def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
-            times["manifest_start"] = time.perf_counter()
-            sampler.phase = "manifest"
-            return real_build_manifest(*a, **kw)
+            def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
+                times["manifest_start"] = time.perf_counter()
+                sampler.phase = "manifest"
+                return real_build_manifest(*a, **kw)
 
-        preprocess.build_manifest = timed_build_manifest  # run() looks it up in the module at call time
-        sampler.phase = "ray_data"
-        start = time.perf_counter()
-        try:
-            manifest = preprocess.run(data_cfg, model_cfg, out_dir)
-        finally:
-            preprocess.build_manifest = real_build_manifest
-        seconds = time.perf_counter() - start
+            preprocess.build_manifest = timed_build_manifest  # run() looks it up in the module at call time
+            sampler.phase = "ray_data"
+            try:
+                manifest = preprocess.run(data_cfg, model_cfg, out_dir)
+            finally:
+                preprocess.build_manifest = real_build_manifest
+            times["end"] = time.perf_counter()
     finally:
         sampler.finish()
-        ray.shutdown()
-    return manifest, seconds, times.get("manifest_start", start + seconds) - start
+    times.setdefault("manifest_start", times["end"])
+    return manifest, {"ray_init": times["ray_ready"] - times["start"],
+                      "ray_data": times["manifest_start"] - times["ray_ready"],
+                      "manifest": times["end"] - times["manifest_start"]}
 
 
 def main() -> None:
@@ -282,8 +266,13 @@ def main() -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     sampler = Sampler(args.interval)
+    data_cfg = DataConfig(source=str(source), rows_per_file=args.rows_per_file)
+    data_cfg.validate()
     try:
-        manifest, seconds, ray_data_s = measure(args, source, out_dir, sampler)
+        manifest, phases_s = measure(data_cfg, ModelConfig(image_size=args.image_size, channels=3), out_dir, sampler,
+                                     num_cpus=args.num_cpus, object_store_memory=args.object_store_mb * MiB,
+                                     include_dashboard=False)  # as its earlier results ran: comparable peaks
+        seconds, ray_data_s = phases_s["ray_data"] + phases_s["manifest"], phases_s["ray_data"]
         baseline_mb = sampler.baseline_mb
         rows = sum(manifest["counts"].values())
         if rows != args.n:
@@ -305,7 +294,6 @@ def main() -> None:
         return None if x is None else round(x, d)
 
     result = {
-        "machine": machine(),
         "dataset": {k: v for k, v in dataset.items()},
         "object_store_mb": args.object_store_mb,
         "num_cpus": args.num_cpus,
@@ -332,10 +320,8 @@ def main() -> None:
         "samples": sampler.samples,
         "max_processes": sampler.max_processes,
         "output": output,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "ray_init_seconds": r(phases_s["ray_init"], 2),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     table = [
         ("images", f"{args.n}"),
@@ -363,9 +349,8 @@ def main() -> None:
     table.append(("output", (f"{output['files']} files from {output['write_tasks']} write task(s), "
                              f"{output['on_disk_bytes'] / MiB:.1f} MiB, largest {output['largest_file_rows']} rows")))
     table.append(("split counts", f"{output['counts']}"))
-    width = max(len(k) for k, _ in table)
-    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in table))
-    print(f"\n[bench] wrote {args.out}")
+    common.print_table(table)
+    common.write_result(args.out, result)
 
 
 if __name__ == "__main__":

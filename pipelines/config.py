@@ -49,6 +49,7 @@ class DataConfig:
 @dataclass
 class TrainRunConfig(TrainConfig):
     num_workers: int = 1  # Ray Train workers, each one DDP rank
+    cpus_per_worker: int = 1  # CPUs each worker reserves; Ray sets its torch threads to this
     use_gpu: bool = False
     checkpoint_every: int = 1  # epochs between checkpoints
     num_to_keep: int = 2
@@ -59,6 +60,7 @@ class TrainRunConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         _require(self.num_workers > 0, "train.num_workers", self.num_workers, "a positive integer")
+        _require(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "a positive integer")
         _require(self.checkpoint_every > 0, "train.checkpoint_every", self.checkpoint_every, "a positive integer")
         _require(self.num_to_keep > 0, "train.num_to_keep", self.num_to_keep, "a positive integer")
         _require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0")

@@ -14,22 +14,42 @@ from typing import Any
 
 import ray
 
+from vaegan.config import ConfigError
+
 from . import dag, tracking
 from .config import PipelineConfig, flatten
 
 SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units", "elbo_gap")
 
 
-def connect_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine."""
+def connect_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine; returns
+    whether the cluster is a local one of fixed size (no autoscaler will add nodes)."""
+    local = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return
+        return local
     # Ray Train otherwise prints every worker line twice.
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
-    else:
+    if local:
         ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env)
+    else:
+        ray.init(runtime_env=runtime_env)
+    return local
+
+
+def check_fits_local_ray(cfg: PipelineConfig) -> None:
+    """A local Ray never grows: refuse a Train run it cannot place now, instead of waiting forever."""
+    have = ray.cluster_resources()
+    cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if cpus > have.get("CPU", 0):
+        raise ConfigError(f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {cfg.train.num_workers} x "
+                          f"{cfg.train.cpus_per_worker} = {cpus} CPUs, but this machine's Ray has "
+                          f"{int(have.get('CPU', 0))}; allowed: at most that many "
+                          "(or set RAY_ADDRESS to a bigger cluster)")
+    if cfg.train.use_gpu and cfg.train.num_workers > have.get("GPU", 0):
+        raise ConfigError(f"config key 'train.num_workers' = {cfg.train.num_workers} GPU workers (train.use_gpu), but "
+                          f"this machine's Ray has {int(have.get('GPU', 0))} GPUs; allowed: at most that many, "
+                          "or train.use_gpu=false")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -46,7 +66,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
         print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
     uri = tracking.resolve_tracking_uri(cfg, run_dir)
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
-    connect_ray()
+    if connect_ray():
+        check_fits_local_ray(cfg)
     parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)))
     ctx = dag.RunContext(run_dir=str(run_dir.resolve()), tracking_uri=uri, experiment_id=experiment_id,
                          parent_run_id=parent)

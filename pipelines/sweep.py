@@ -30,13 +30,14 @@ from . import train as train_step
 from .config import PipelineConfig, flatten, merge
 
 
-def max_concurrent_trials(workers_per_trial: int, use_gpu: bool) -> int:
+def max_concurrent_trials(cfg: PipelineConfig) -> int:
     """Trials that fit at once: by GPUs, or by CPUs while one stays free for Ray Data's read tasks
     (so Data, Tune and Train never wait on each other on a 2-core box)."""
     resources = ray.cluster_resources()
-    if use_gpu:
-        return max(1, int(resources.get("GPU", 0)) // workers_per_trial)
-    return max(1, (int(resources.get("CPU", 1)) - 1) // workers_per_trial)
+    if cfg.train.use_gpu:
+        return max(1, int(resources.get("GPU", 0)) // cfg.train.num_workers)
+    cpus_per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    return max(1, (int(resources.get("CPU", 1)) - 1) // cpus_per_trial)
 
 
 def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: Path, out: Path,
@@ -66,7 +67,7 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
                                     reduction_factor=cfg.tune.reduction_factor),
             search_alg=ray_tune.search.BasicVariantGenerator(
                 random_state=cfg.tune.seed,
-                max_concurrent=max_concurrent_trials(cfg.train.num_workers, cfg.train.use_gpu))),
+                max_concurrent=max_concurrent_trials(cfg))),
         run_config=ray_tune.RunConfig(name=f"tune-{key}", storage_path=str(Path(ctx.run_dir).resolve() / "ray"),
                                       verbose=1),
     )
@@ -90,7 +91,8 @@ def trial_rows(results: ray_tune.ResultGrid) -> list[dict[str, Any]]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        rows.append({"trial": Path(result.path).name.split("_")[1] if result.path else "?",
+        # Tune names a trial's folder "<trainable>_<experiment>_<index>_<params...>".
+        rows.append({"trial": "_".join(Path(result.path).name.split("_")[1:3]) if result.path else "?",
                      **flatten(result.config or {}), train_step.SCORE: metrics.get(train_step.SCORE, float("nan")),
                      "epochs": int(metrics.get("training_iteration", 0)), "error": str(result.error or "")})
     return sorted(rows, key=lambda r: (math.isnan(r[train_step.SCORE]), r[train_step.SCORE]))

@@ -223,6 +223,12 @@ class _Tracker:
 # -- driver side -----------------------------------------------------------------------------------
 
 
+def worker_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """What each Train worker reserves: ``cpus_per_worker`` CPUs (Ray sets OMP_NUM_THREADS, hence torch's
+    thread count, from it) and one GPU when ``use_gpu``."""
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+
+
 def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_path: Path, *, name: str,
         storage: Path, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
         callbacks: list | None = None) -> ray.train.Result:
@@ -230,7 +236,8 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
     dataset = ray.data.read_parquet(str(data_dir / "split=train"), columns=["image"])
     if train_limit:
         dataset = dataset.limit(train_limit)
-    if cfg.train.num_workers >= ray.cluster_resources().get("CPU", 0) and not cfg.train.use_gpu:
+    if cfg.train.num_workers * cfg.train.cpus_per_worker >= ray.cluster_resources().get("CPU", 0) \
+            and not cfg.train.use_gpu:
         # The workers would hold every CPU and Ray Data's read tasks could never run: read it all up front
         # (the object store spills to disk beyond memory) rather than deadlock mid-stream.
         dataset = dataset.materialize()
@@ -239,7 +246,8 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(job),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
             name=name, storage_path=str(storage), callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,

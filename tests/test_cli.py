@@ -18,12 +18,22 @@ SMOKE = "pipelines/configs/smoke.yaml"
     ("tune.grace_period=5", "'tune.grace_period' has invalid value 5; allowed: an integer in [1, tune.max_epochs=1]"),
     ("data.val_fraction=0.7", "'data.val_fraction' has invalid value 0.7"),
     ("data.source=/nonexistent/images", "data.source' points to '/nonexistent/images', which does not exist"),
+    ("train.cpus_per_worker=0", "'train.cpus_per_worker' has invalid value 0; allowed: a positive integer"),
 ])
 def test_bad_config_is_one_clear_line(override, message):
     done = run_cli("run", "--config", SMOKE, "--set", override, "--dry-run")
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_more_workers_than_the_local_ray_has_fails_before_any_work(tmp_path):
+    """A local Ray cannot grow, so Train would wait forever: a clear error before preprocess starts."""
+    done = run_cli("run", "--config", SMOKE, "--run-dir", str(tmp_path), "--set", "train.num_workers=8",
+                   "--set", "register.experiment=cli-test")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "'train.num_workers' x 'train.cpus_per_worker' = 8 x 1 = 8 CPUs" in done.stderr
+    assert not list(tmp_path.glob("preprocess-*")), "nothing may run before the check"
 
 
 def test_missing_config_file_names_it():

@@ -1,0 +1,166 @@
+"""Sample and likelihood quality: plain VAE vs VAE-GAN vs pythae's VAE-GAN, same nets, data, budget and seeds.
+
+  vae, vaegan     the product's own pipeline, ``vaegan run --config benchmarks/configs/quality.yaml`` with
+                  ``--set model.kind=<kind> --set train.seed=<seed>``: preprocess (full Fashion-MNIST),
+                  train, evaluate, register under ``bench-quality-<kind>``.
+  pythae_vaegan   pythae's VAE-GAN trainer on the same nets, data split, epochs, batch size and seed
+                  (benchmarks/pythae_peer.py, in benchmarks/.venv-pythae); its final encoder/decoder are
+                  saved in our checkpoint format, scored by the evaluate step's own code
+                  (``pipelines.steps.score_checkpoint`` -> ``vaegan.evaluate.evaluate_model``, same
+                  feature net) and registered with ``pipelines.registry`` under ``bench-quality-pythae-vaegan``.
+
+Per system: test-split domain FID, KID, precision, recall, recon MSE, IWAE NLL (nats), active units and
+the train - test ELBO gap, as mean, sample std and per-seed values; the ``models:/<name>@champion`` URI
+(the alias holds the seed with the best test FID) and each seed's version URI. Everything lives in one
+run folder with its own MLflow store (``tracking_uri``), so any model can be pulled or re-scored later.
+
+Run from the repository root; every ``vaegan run`` starts Ray, so hold the shared Ray lock:
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/quality.py --seeds 0 1 2   # hours on 2 cores
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/quality.py --quick         # 1,500 images, 1 epoch
+Results: benchmarks/results/quality.json (--quick: quality_quick.json; --out to change).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import common
+
+CONFIG = common.BENCHMARKS / "configs" / "quality.yaml"
+METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "iwae_nll", "active_units", "elbo_gap")
+PIPELINE_KINDS = ("vae", "vaegan")
+QUICK = ["data.limit=1500", "train.epochs=1", "model.base_channels=8", "train.val_images=64", "eval.num_images=128",
+         "eval.iwae_k=8", "eval.iwae_images=32", "eval.featnet_epochs=1"]
+
+
+def parse_args():
+    p = common.argument_parser(__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default 0 1 2; --quick 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every system, e.g. train.epochs=3")
+    p.add_argument("--pythae", action=argparse.BooleanOptionalAction, default=None,
+                   help="train and score the pythae peer (default: yes; --quick: no)")
+    args = p.parse_args()
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.pythae = (not args.quick) if args.pythae is None else args.pythae
+    args.overrides = [*(QUICK if args.quick else []), *args.overrides]
+    args.run_dir = (args.work_dir / ("quality-quick" if args.quick else "quality")).resolve()
+    args.out = common.result_path(args, "quality")
+    return args
+
+
+def model_name(system: str) -> str:
+    return f"bench-quality-{system.replace('_', '-')}"
+
+
+# -- the systems ----------------------------------------------------------------------------------------
+
+
+def pipeline_run(args, kind: str, seed: int, tracking_uri: str) -> dict[str, Any]:
+    """One ``vaegan run`` of the benchmark config; returns its summary.json."""
+    overrides = [f"model.kind={kind}", f"train.seed={seed}", f"register.model_name={model_name(kind)}",
+                 f"register.tracking_uri={tracking_uri}", *args.overrides]
+    command = [str(Path(sys.executable).parent / "vaegan"), "run", "--config", str(CONFIG), "--run-dir", str(args.run_dir),
+               *[part for o in overrides for part in ("--set", o)]]
+    print(f"[quality] {kind} seed {seed}: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True, cwd=common.REPO)
+    return json.loads((args.run_dir / "summary.json").read_text())
+
+
+def pipeline_seed_result(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": {k: summary["metrics"][k] for k in METRICS},
+            "model_uri": f"models:/{summary['model_name']}/{summary['model_version']}",
+            "train_step_seconds": summary["steps"]["train"]["seconds"]}  # Ray Train start, epochs, validation
+
+
+def pythae_run(cfg, data: common.PreparedData, seed: int, tracking_uri: str, run_dir: Path) -> dict[str, Any]:
+    """Train the pythae peer, score it with the evaluate step's code, register it; returns its figures."""
+    from pipelines import registry, steps, tracking
+    from pipelines.config import flatten
+    from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    checkpoint = run_dir / "pythae" / f"seed-{seed}" / CHECKPOINT_NAME
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[quality] pythae_vaegan seed {seed}", flush=True)
+    trained = common.run_pythae(["--data", str(data.dir), "--config-json", json.dumps(dataclasses.asdict(cfg.core())),
+                                 "--epochs", str(cfg.train.epochs), "--seed", str(seed), "--checkpoint", str(checkpoint)])
+    scores = steps.score_checkpoint(cfg, load_checkpoint(checkpoint), data.dir, data.manifest, data.featnet_path)
+    experiment_id = tracking.ensure_experiment(tracking_uri, cfg.register.experiment, run_dir)
+    run_id = tracking.start_run(tracking_uri, experiment_id, f"pythae-vaegan-seed-{seed}",
+                                params={**flatten(dataclasses.asdict(cfg)), "trainer": f"pythae {trained['pythae']}"})
+    tracking.log_metrics(tracking_uri, run_id, {f"test/{k}": v for k, v in scores.items()})
+    registered = registry.register(dataclasses.replace(cfg.register, model_name=model_name("pythae_vaegan")),
+                                   tracking_uri, run_id=run_id, checkpoint=checkpoint, metrics=scores,
+                                   feature_net=data.featnet_name, fingerprint=data.manifest["fingerprint"],
+                                   image_shape=data.image_shape)
+    tracking.end_run(tracking_uri, run_id)
+    return {"metrics": {k: scores[k] for k in METRICS},
+            "model_uri": f"models:/{registered['model_name']}/{registered['model_version']}",
+            "epochs_seconds": round(sum(e["epoch_seconds"] for e in trained["epochs"]), 1)}
+
+
+# -- aggregation ----------------------------------------------------------------------------------------
+
+
+def system_block(system: str, seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, sample std and per-seed values of every metric, and the registered models' URIs."""
+    def spread(values: list[float]) -> dict[str, Any]:
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "per_seed": values}
+
+    return {"metrics": {k: spread([run["metrics"][k] for run in runs]) for k in METRICS},
+            "model_uri": f"models:/{model_name(system)}@champion",
+            "runs": [{"seed": seed, **run} for seed, run in zip(seeds, runs)]}
+
+
+def fid_ratio(systems: dict[str, Any], numerator: str, denominator: str) -> float | None:
+    def mean_fid(name: str) -> float | None:
+        return systems.get(name, {}).get("metrics", {}).get("fid", {}).get("mean")
+
+    return common.ratio(mean_fid(numerator), mean_fid(denominator))
+
+
+def main() -> None:
+    args = parse_args()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{args.run_dir / 'mlflow.db'}"
+    systems: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for kind in PIPELINE_KINDS:
+        runs = []
+        for seed in args.seeds:
+            summary = pipeline_run(args, kind, seed, tracking_uri)
+            runs.append(pipeline_seed_result(summary))
+        systems[kind] = system_block(kind, args.seeds, runs)
+    cfg = common.load_pipeline_config(CONFIG, [*args.overrides, "model.kind=vaegan"])
+    data = common.load_prepared(cfg, args.run_dir / f"preprocess-{summary['steps']['preprocess']['key']}")
+    if args.pythae:
+        runs = [pythae_run(common.load_pipeline_config(CONFIG, [*args.overrides, "model.kind=vaegan", f"train.seed={seed}"]),
+                           data, seed, tracking_uri, args.run_dir) for seed in args.seeds]
+        systems["pythae_vaegan"] = system_block("pythae_vaegan", args.seeds, runs)
+    else:
+        systems["pythae_vaegan"] = {"skipped": "--quick" if args.quick else "--no-pythae"}
+    result = {
+        "ratios": {"vaegan_over_vae_fid": fid_ratio(systems, "vaegan", "vae"),
+                   "pythae_vaegan_over_vaegan_fid": fid_ratio(systems, "pythae_vaegan", "vaegan")},
+        **systems, "tracking_uri": tracking_uri, "run_dir": str(args.run_dir),
+        "setup": {"config": str(CONFIG.relative_to(common.REPO)), "overrides": args.overrides, "seeds": args.seeds,
+                  "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "base_channels": cfg.model.base_channels,
+                  "latent_dim": cfg.model.latent_dim, "data_counts": data.manifest["counts"],
+                  "eval_images": cfg.eval.num_images, "iwae_k": cfg.eval.iwae_k, "feature_net": data.featnet_name,
+                  "metrics_split": "test", "pythae_weights": "final epoch (pythae keeps no validation-selected model)",
+                  "pipeline_weights": "best epoch by val/fid (the train step's checkpoint choice)"},
+    }
+    common.print_table([(f"{system} {k}", f"{block['metrics'][k]['mean']:.4g} ± {block['metrics'][k]['std']:.2g}")
+                        for system, block in systems.items() if "metrics" in block for k in ("fid", "iwae_nll")]
+                       + list(result["ratios"].items()))
+    common.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

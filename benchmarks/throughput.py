@@ -1,0 +1,214 @@
+"""Train-step throughput (images/s) of one VAE-GAN config, four ways in one run:
+
+  bare            ``VAEGANTrainer`` steps in a plain PyTorch loop over an in-memory uint8 tensor
+                  (``vaegan.loop.fit``), at torch's default thread count and again at the Ray Train
+                  worker's (Ray sets a worker's OMP_NUM_THREADS to its CPUs: 1);
+  ray_train_1w    the product's ``pipelines.train.fit`` (its ``train_loop_per_worker`` reading Ray Data
+                  shards of the Parquet train split that the product's preprocess step wrote), tracking off;
+  ray_train_2w    the same with 2 workers, each network in its own DDP over gloo (NCCL with --device cuda);
+  pythae          pythae's VAE-GAN trainer with the same nets (benchmarks/pythae_peer.py, own virtualenv).
+
+Every ``images_per_s`` is steady state: images over seconds of the epochs after the first, from the
+per-epoch figure each loop reports (``vaegan.loop.EpochMeter``; pythae: its epoch time), so start-up
+is excluded; Ray's ``wall_seconds`` includes it (worker group start, Ray Data, per-epoch validation
+and checkpoints). The nets, batch size and data are the config's (default: the main job's).
+
+Run from the repository root, under the shared Ray lock:
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py            # about 6 min on 2 cores
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py --quick    # smoke config, tests
+    .venv/bin/python benchmarks/throughput.py --device cuda --parts bare --ddp      # the bare step on a GPU
+Results: benchmarks/results/throughput.json (--quick: throughput_quick.json; --out to change).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+import torch.distributed as dist
+
+PARTS = ("bare", "ray_train_1w", "ray_train_2w", "pythae")
+
+
+def parse_args():
+    p = common.argument_parser(__doc__)
+    p.add_argument("--config", default=None, help="pipeline config (default pipelines/configs/default.yaml; "
+                                                  "--quick: smoke.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--images", type=int, default=None, help="training images per epoch (default 3200; --quick 256)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per measurement, the first is warm-up (default 3)")
+    p.add_argument("--parts", default=None, help=f"comma-separated subset of {','.join(PARTS)} "
+                                                 "(default all; --quick leaves out pythae)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the bare loop on GPU 0 and Ray Train with use_gpu")
+    p.add_argument("--ddp", action="store_true", help="bare loop: wrap the nets in DDP over a world of one")
+    args = p.parse_args()
+    args.config = args.config or f"pipelines/configs/{'smoke' if args.quick else 'default'}.yaml"
+    args.images = args.images or (256 if args.quick else 3200)
+    args.epochs = args.epochs or (2 if args.quick else 3)
+    default_parts = [p for p in PARTS if not (args.quick and p == "pythae")]
+    args.parts = args.parts.split(",") if args.parts else default_parts
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown --parts {sorted(unknown)}; allowed: {', '.join(PARTS)}")
+    args.out = common.result_path(args, "throughput")
+    return args
+
+
+# -- the measurements --------------------------------------------------------------------------------
+
+
+def loop_figures(history: list[dict[str, float]]) -> dict[str, Any]:
+    return {"images_per_s": round(common.steady_images_per_s(history), 1),
+            "per_epoch_images_per_s": [round(h["images_per_s"], 1) for h in history], "epochs": len(history)}
+
+
+def bare(cfg, images: torch.Tensor, epochs: int, device: torch.device, threads: int, ddp: bool) -> dict[str, Any]:
+    """The train step in a plain loop; ``cfg`` is a ``vaegan.config.VAEGANConfig``."""
+    from pipelines.train import _ddp  # the product's own per-network DDP wrapping
+    from vaegan.loop import fit
+    from vaegan.nets import build_nets
+    from vaegan.step import VAEGANTrainer
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    nets = [m.to(device) if m is not None else None for m in build_nets(cfg.model)]
+    if ddp:
+        nets = [_ddp(m, device) for m in nets]
+    trainer = VAEGANTrainer(cfg, *nets)
+    history = fit(trainer, images, epochs, cfg.train.batch_size, cfg.train.seed,
+                  log=lambda line: print(f"[bare, {threads} threads] {line}", flush=True))
+    return {"torch_threads": torch.get_num_threads(), "device": device.type, "ddp": ddp,
+            "amp": cfg.train.amp and device.type == "cuda", **loop_figures(history),
+            "nonfinite_skipped": trainer.counters["nonfinite_skipped"]}
+
+
+def ray_train(cfg, data: common.PreparedData, workers: int, images: int, storage: Path) -> dict[str, Any]:
+    """One run of the product's Ray Train path; figures from the per-epoch summaries it checkpoints."""
+    from dataclasses import replace
+
+    from pipelines import train as train_step
+    run_cfg = replace(cfg, train=replace(cfg.train, num_workers=workers))
+    start = time.perf_counter()
+    result = train_step.fit(run_cfg, data.dir, data.image_shape, data.featnet_path, name=f"throughput-{workers}w",
+                            storage=storage, train_limit=images)
+    wall = time.perf_counter() - start
+    history = checkpointed_history(result)
+    trained = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)
+    return {"workers": workers, "torch_threads": int(history[-1]["torch_threads"]), **loop_figures(history),
+            "wall_seconds": round(wall, 1), "wall_images_per_s": round(trained / wall, 1),
+            "nonfinite_skipped": int(history[-1]["guard/nonfinite_skipped"])}
+
+
+def checkpointed_history(result) -> list[dict[str, float]]:
+    """Every epoch's summary, from the latest checkpoint (the worker stores the history in each one)."""
+    from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    with result.checkpoint.as_directory() as folder:
+        return json.loads(load_checkpoint(Path(folder) / CHECKPOINT_NAME)["history"])
+
+
+def pythae(cfg, data: common.PreparedData, images: int, epochs: int) -> dict[str, Any]:
+    from dataclasses import asdict
+    out = common.run_pythae(["--data", str(data.dir), "--config-json", json.dumps(asdict(cfg)),
+                             "--epochs", str(epochs), "--images", str(images), "--seed", str(cfg.train.seed)])
+    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], **loop_figures(out["epochs"])}
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A DDP world of one (gloo on CPU, NCCL on CUDA), so the bare loop can run the DDP path."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def measure_ray(args, cfg, parts: dict[str, Any], scratch: Path) -> common.PreparedData:
+    """Prepare the data and run the Ray Train parts, in one local Ray session."""
+    with common.local_ray():
+        data = common.prepare_data(cfg, args.work_dir / "data")
+        for workers in (1, 2):
+            name = f"ray_train_{workers}w"
+            if name not in args.parts:
+                parts[name] = {"skipped": "not in --parts"}
+            elif cfg.train.use_gpu and torch.cuda.device_count() < workers:
+                parts[name] = {"skipped": f"{workers} workers need {workers} GPUs, found {torch.cuda.device_count()}"}
+            else:
+                parts[name] = ray_train(cfg, data, workers, args.images, scratch / "ray")
+    return data
+
+
+def measure_bare(args, cfg, data: common.PreparedData, parts: dict[str, Any]) -> None:
+    """The bare loop at torch's default thread count and at the Ray Train worker's."""
+    from pipelines.preprocess import read_split
+    if "bare" not in args.parts:
+        parts["bare"] = {"skipped": "not in --parts"}
+        return
+    images = torch.from_numpy(read_split(data.dir / "split=train", data.image_shape, limit=args.images)[0])
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    if args.ddp:
+        init_single_process_group(device)
+    try:
+        default_threads = torch.get_num_threads()
+        parts["bare"] = bare(cfg.core(), images, args.epochs, device, default_threads, args.ddp)
+        worker_threads = parts.get("ray_train_1w", {}).get("torch_threads")
+        if worker_threads and device.type == "cpu":
+            parts["bare_at_worker_threads"] = bare(cfg.core(), images, args.epochs, device, worker_threads, args.ddp)
+        torch.set_num_threads(default_threads)
+    finally:
+        if args.ddp:
+            dist.destroy_process_group()
+
+
+def ratios(parts: dict[str, Any]) -> dict[str, float | None]:
+    def ips(name: str) -> float | None:
+        return parts.get(name, {}).get("images_per_s")
+
+    return {"ray_train_1w_over_bare": common.ratio(ips("ray_train_1w"), ips("bare")),
+            "ray_train_1w_over_bare_at_worker_threads": common.ratio(ips("ray_train_1w"), ips("bare_at_worker_threads")),
+            "ddp_2w_over_1w": common.ratio(ips("ray_train_2w"), ips("ray_train_1w")),
+            "pythae_over_bare": common.ratio(ips("pythae"), ips("bare"))}
+
+
+def main() -> None:
+    args = parse_args()
+    settings = [f"train.epochs={args.epochs}", "train.patience=0", "train.val_images=64",
+                f"train.use_gpu={str(args.device == 'cuda').lower()}"]
+    cfg = common.load_pipeline_config(args.config, [*settings, *args.overrides])
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="throughput-", dir=args.work_dir))
+    parts: dict[str, Any] = {}
+    try:
+        data = measure_ray(args, cfg, parts, scratch)  # Ray is shut down before the bare loop runs
+        measure_bare(args, cfg, data, parts)
+        if "pythae" in args.parts:
+            parts["pythae"] = pythae(cfg.core(), data, args.images, args.epochs)
+        else:
+            parts["pythae"] = {"skipped": "--quick" if args.quick else "not in --parts"}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ordered = {name: parts[name] for name in ("bare", "bare_at_worker_threads", *PARTS[1:]) if name in parts}
+    result = {"ratios": ratios(parts), **ordered,
+              "setup": {"config": args.config, "overrides": args.overrides, "images_per_epoch": args.images,
+                        "epochs": args.epochs, "batch_size": cfg.train.batch_size, "kind": cfg.model.kind,
+                        "image_shape": data.image_shape, "base_channels": cfg.model.base_channels,
+                        "latent_dim": cfg.model.latent_dim, "steady_state": "epochs after the first"}}
+    rows = [(name, f"{p['images_per_s']:.1f} images/s ({p['torch_threads']} threads)" if "images_per_s" in p
+             else p.get("skipped")) for name, p in ordered.items()]
+    common.print_table(rows + [(k, v) for k, v in result["ratios"].items()])
+    common.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

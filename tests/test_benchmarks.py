@@ -1,0 +1,91 @@
+"""Each benchmark's --quick mode end to end (a real local Ray where the benchmark uses one): it runs, and
+its JSON has the shape the full run writes, with finite, positive figures. About 6 minutes on 2 cores:
+eight Ray Train runs (2 throughput, 4 sweep trials, 2 quality) at ~20 s of start-up each set the floor."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MACHINE_KEYS = {"cores", "memory_gib", "cpu_model", "torch", "ray", "mlflow", "python", "platform", "date"}
+QUALITY_METRICS = {"fid", "kid", "precision", "recall", "recon_mse", "iwae_nll", "active_units", "elbo_gap"}
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory) -> Path:
+    """One work folder for every benchmark here: the smoke-sized Parquet is preprocessed once and reused."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def run_quick(name: str, tmp_path: Path, work_dir: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out),
+                           "--work-dir", str(work_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert MACHINE_KEYS <= result["machine"].keys() and result["machine"]["cores"] >= 1
+    assert f"benchmarks/{name}.py" in result["command"] and "--quick" in result["command"]
+    assert isinstance(result["ratios"], dict)
+    return result
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_throughput_quick(tmp_path, work_dir):
+    result = run_quick("throughput", tmp_path, work_dir)
+    for part in ("bare", "bare_at_worker_threads", "ray_train_1w", "ray_train_2w"):
+        assert positive(result[part]["images_per_s"]) and result[part]["torch_threads"] >= 1, part
+        assert result[part]["nonfinite_skipped"] == 0, part
+    assert result["ray_train_1w"]["workers"] == 1 and result["ray_train_2w"]["workers"] == 2
+    assert positive(result["ray_train_1w"]["wall_seconds"])
+    assert result["bare_at_worker_threads"]["torch_threads"] == result["ray_train_1w"]["torch_threads"]
+    assert result["pythae"] == {"skipped": "--quick"} and result["ratios"]["pythae_over_bare"] is None
+    assert all(positive(result["ratios"][k]) for k in ("ray_train_1w_over_bare", "ddp_2w_over_1w"))
+
+
+def test_preprocess_quick(tmp_path, work_dir):
+    result = run_quick("preprocess", tmp_path, work_dir)
+    assert result["setup"]["limit"] == 5000
+    for side in ("ray_data", "numpy"):
+        assert result[side]["rows"] == 5000, side
+        assert all(positive(result[side][k]) for k in ("seconds", "rows_per_s", "peak_rss_mb")), side
+    assert result["same_output"] is True  # same rows, same split: the same manifest fingerprint
+    assert positive(result["ratios"]["ray_over_numpy_time"])
+
+
+def test_sweep_quick(tmp_path, work_dir):
+    result = run_quick("sweep", tmp_path, work_dir)
+    grid, asha = result["grid"], result["asha"]
+    assert grid["trials"] == asha["trials"] == 2
+    assert grid["trial_epochs"] == 2 * result["setup"]["max_epochs"]  # the grid runs every point to completion
+    assert 2 <= asha["trial_epochs"] <= grid["trial_epochs"]
+    assert positive(grid["best_val_fid"]) and positive(asha["best_val_fid"])
+    assert math.isfinite(result["ratios"]["asha_best_gap"])
+    assert 0 < result["ratios"]["asha_compute_fraction"] <= 1
+
+
+@pytest.mark.parametrize("system", ["vae", "vaegan"])
+def test_quality_quick(system, quality_quick):
+    block = quality_quick[system]
+    assert QUALITY_METRICS == block["metrics"].keys()
+    for name, figure in block["metrics"].items():
+        assert len(figure["per_seed"]) == 1 and figure["std"] == 0.0, name
+        assert math.isfinite(figure["mean"]), name
+    assert all(positive(block["metrics"][k]["mean"]) for k in ("fid", "recon_mse", "iwae_nll"))
+    assert block["model_uri"] == f"models:/bench-quality-{system}@champion"
+    assert block["runs"][0]["model_uri"] == f"models:/bench-quality-{system}/1"
+    assert quality_quick["pythae_vaegan"] == {"skipped": "--quick"}
+    assert quality_quick["tracking_uri"].startswith("sqlite:///")
+
+
+@pytest.fixture(scope="module")
+def quality_quick(tmp_path_factory, work_dir):
+    return run_quick("quality", tmp_path_factory.mktemp("quality"), work_dir)
