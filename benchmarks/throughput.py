@@ -90,11 +90,13 @@ def bare(cfg, images: torch.Tensor, epochs: int, device: torch.device, threads: 
 
 
 def ray_train(cfg, data: common.PreparedData, workers: int, images: int, storage: Path) -> dict[str, Any]:
-    """One run of the product's Ray Train path; figures from the per-epoch summaries it checkpoints."""
+    """One run of the product's Ray Train path; figures from the per-epoch summaries it checkpoints.
+    The workers share the machine's CPUs (``train.cpus_per_worker``), as the bare loop's threads do."""
     from dataclasses import replace
 
     from pipelines import train as train_step
-    run_cfg = replace(cfg, train=replace(cfg.train, num_workers=workers))
+    cpus = max(1, (os.cpu_count() or 1) // workers)
+    run_cfg = replace(cfg, train=replace(cfg.train, num_workers=workers, cpus_per_worker=cpus))
     start = time.perf_counter()
     result = train_step.fit(run_cfg, data.dir, data.image_shape, data.featnet_path, name=f"throughput-{workers}w",
                             storage=storage, train_limit=images)
