@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> tuple[Path, 
     else:  # a source: preprocess it with Ray Data as the pipeline would
         connect_ray()
         target = out / "preprocess"
-        target.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # ours from an earlier evaluate: write_parquet would add to it
+        target.mkdir(parents=True)
         data_cfg = DataConfig(source=str(path.resolve()) if path else "")
         data_cfg.validate()
         return target, preprocess_step.run(data_cfg, cfg.model, target)
