@@ -77,7 +77,7 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
     report = write_report(rows, out)
     tracking.log_artifacts(ctx.tracking_uri, ctx.parent_run_id, report, "tune")
     print(f"[tune] {len(rows)} trials, {sum(r['epochs'] for r in rows)} trial-epochs; "
-          f"report: {', '.join(str(p) for p in report)}", flush=True)
+          f"report: {', '.join(p.name for p in report)} in the tune step's folder", flush=True)
     best = results.get_best_result()
     if best.metrics is None or train_step.SCORE not in best.metrics or not math.isfinite(best.metrics[train_step.SCORE]):
         raise RuntimeError(f"no Tune trial reported {train_step.SCORE}; errors: {[r.error for r in results]}")
