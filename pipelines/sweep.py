@@ -51,10 +51,10 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
         """One trial: a Ray Train run of the config with this trial's overrides."""
         trial_id = ray_tune.get_context().get_trial_id()
         trial_cfg = from_dict(PipelineConfig, merge(base, overrides))
-        _, run_id = train_step.fit_tracked(trial_cfg, ctx, pre_dir, manifest["image_shape"], featnet_path,
-                                           name=f"trial-{key}-{trial_id}", params=flatten(overrides),
-                                           train_limit=cfg.tune.train_limit, callbacks=[TuneReportCallback()])
-        tracking.end_run(ctx.tracking_uri, run_id)
+        train_step.fit_tracked(trial_cfg, ctx, pre_dir, manifest["image_shape"], featnet_path,
+                               name=f"trial-{key}-{trial_id}", params=flatten(overrides),
+                               train_limit=cfg.tune.train_limit, callbacks=[TuneReportCallback()],
+                               status_on_error=None)
 
     tuner = ray_tune.Tuner(
         # A trial only drives its Train run, so it must hold no CPU (an actor never lends its CPU back while it
@@ -72,7 +72,10 @@ def run(cfg: PipelineConfig, ctx, pre_dir: Path, manifest: dict, featnet_path: P
                                       verbose=1),
     )
     results = tuner.fit()
-    tracking.close_open_children(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, f"trial-{key}-")
+    # Trial runs are closed here, by Tune's verdict, rather than by the trials themselves: Tune tears a trial
+    # down as soon as it reports its last epoch or ASHA stops it, often before the trial's own code runs again.
+    finished = {f"trial-{key}-{r.metrics['trial_id']}" for r in results if r.error is None and r.metrics}
+    tracking.close_children(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, f"trial-{key}-", finished)
     rows = trial_rows(results)
     report = write_report(rows, out)
     tracking.log_artifacts(ctx.tracking_uri, ctx.parent_run_id, report, "tune")

@@ -74,15 +74,11 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
 
-def close_open_children(uri: str, experiment_id: str, parent_run_id: str, name_prefix: str) -> int:
-    """Mark still-running child runs named ``name_prefix*`` finished; returns how many there were.
-
-    Tune tears a trial down as soon as it reports its last epoch (max_t) or ASHA stops it, before the
-    trial's own code can close its MLflow run."""
+def close_children(uri: str, experiment_id: str, parent_run_id: str, name_prefix: str,
+                   finished: set[str]) -> None:
+    """Mark the child runs named ``name_prefix*`` FINISHED if their name is in ``finished``, else FAILED."""
     client = MlflowClient(uri)
     runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.status = 'RUNNING' "
-        f"AND attributes.run_name LIKE '{name_prefix}%'"))
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.run_name LIKE '{name_prefix}%'"))
     for run in runs:
-        client.set_terminated(run.info.run_id, status="FINISHED")
-    return len(runs)
+        client.set_terminated(run.info.run_id, status="FINISHED" if run.info.run_name in finished else "FAILED")

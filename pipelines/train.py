@@ -260,16 +260,18 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
 
 def fit_tracked(cfg: PipelineConfig, ctx: Any, data_dir: Path, image_shape: list[int], featnet_path: Path, *,
                 name: str, params: dict[str, Any], train_limit: int = 0,
-                callbacks: list | None = None) -> tuple[ray.train.Result, str]:
+                callbacks: list | None = None, status_on_error: str | None = "FAILED") -> tuple[ray.train.Result, str]:
     """``fit`` inside a new MLflow child run of the pipeline's run; returns the result and the run id,
-    still open for the caller's artifacts (marked FAILED here if training raises)."""
+    still open for the caller's artifacts. If training raises, the run is marked ``status_on_error``;
+    None leaves it to the caller (Tune tears an early-stopped trial down mid-fit, which is no failure)."""
     run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, name, ctx.parent_run_id, params=params)
     try:
         result = fit(cfg, data_dir, image_shape, featnet_path, name=name, storage=Path(ctx.run_dir).resolve() / "ray",
                      tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id, train_limit=train_limit,
                      callbacks=callbacks)
     except BaseException:
-        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
+        if status_on_error:
+            tracking.end_run(ctx.tracking_uri, run_id, status_on_error)
         raise
     return result, run_id
 
