@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vaegan.atomic import atomic_file
+
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
@@ -75,11 +77,8 @@ def _version(package: str) -> str | None:
 def write_result(path: Path, result: dict[str, Any]) -> Path:
     """Write ``result`` with the ``machine`` block and the ``command`` that produced it, atomically."""
     result = {**result, "machine": machine(), "command": shlex.join([Path(sys.executable).name, *sys.argv])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path, "w") as f:
         f.write(json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
     print(f"[bench] wrote {path}", flush=True)
     return path
 

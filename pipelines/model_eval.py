@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deploy.pull import PullError
+from vaegan.atomic import write_json
 from vaegan.checkpoint import CHECKPOINT_NAME, config_of, load_checkpoint
 from vaegan.config import ConfigError, from_dict
 from vaegan.inference import GenerativeModel
@@ -29,7 +30,7 @@ from vaegan.inference import GenerativeModel
 from . import plots, steps
 from . import preprocess as preprocess_step
 from .config import DataConfig, EvalConfig, PipelineConfig
-from .pipeline import connect_ray, write_json_atomic
+from .pipeline import connect_ray
 
 MANIFEST = "manifest.json"
 
@@ -107,10 +108,10 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
               "seeds": {"samples": request.seed, "iwae": request.seed},
               "iwae": {"k": cfg.eval.iwae_k, "images": cfg.eval.iwae_images},
               "pngs": [p.name for p in pngs]}
-    write_json_atomic(request.out / "metrics.json", report)
+    write_json(request.out / "metrics.json", report)
     if request.log:
         report["logged_to_run"] = log_to_model_run(request, scores, [request.out / "metrics.json", *pngs])
-        write_json_atomic(request.out / "metrics.json", report)
+        write_json(request.out / "metrics.json", report)
     return report
 
 

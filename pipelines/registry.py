@@ -20,6 +20,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import vaegan
 
+from . import tracking
 from .config import RegisterConfig
 
 PYFUNC_CODE = Path(__file__).resolve().parents[1] / "deploy" / "pyfunc_model.py"
@@ -42,6 +43,7 @@ def requirements() -> list[str]:
             f"scipy=={scipy.__version__}", f"mlflow=={mlflow.__version__}", "numpy"]
 
 
+@tracking.names_an_unreachable_server
 def log_pyfunc(uri: str, run_id: str, checkpoint: Path, image_shape: list[int]) -> str:
     """Log the pyfunc into ``run_id``; returns its model URI."""
     mlflow.set_tracking_uri(uri)
@@ -74,17 +76,40 @@ def alias_decision(current, score: float, fingerprint: str) -> tuple[bool, str]:
 
 def register(cfg: RegisterConfig, uri: str, *, run_id: str, checkpoint: Path, metrics: dict[str, float],
              feature_net: str, fingerprint: str, image_shape: list[int]) -> dict[str, Any]:
-    client = MlflowClient(uri)
     model_uri = log_pyfunc(uri, run_id, checkpoint, image_shape)
-    version = mlflow.register_model(model_uri, cfg.model_name, tags={
+    version, move, reason = new_version(uri, cfg, model_uri, checkpoint, tags={
         SCORE_TAG: str(metrics["fid"]), FINGERPRINT_TAG: fingerprint, "feature_net": feature_net})
-    # Registration is complete once its artifacts are uploaded; only then may the alias point at it.
-    move, reason = alias_decision(champion(client, cfg.model_name, cfg.alias), metrics["fid"], fingerprint)
-    if move:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
-    print(f"[register] {cfg.model_name} v{version.version}: alias '{cfg.alias}' "
+    print(f"[register] {cfg.model_name} v{version}: alias '{cfg.alias}' "
           f"{'moved' if move else 'kept'} ({reason})", flush=True)
-    return {"model_name": cfg.model_name, "model_version": int(version.version), "alias": cfg.alias,
+    return {"model_name": cfg.model_name, "model_version": int(version), "alias": cfg.alias,
             "alias_moved": move, "alias_reason": reason,
             "model_uri": f"models:/{cfg.model_name}@{cfg.alias}" if move
-            else f"models:/{cfg.model_name}/{version.version}"}
+            else f"models:/{cfg.model_name}/{version}"}
+
+
+@tracking.names_an_unreachable_server
+def new_version(uri: str, cfg: RegisterConfig, model_uri: str, checkpoint: Path,
+                tags: dict[str, str]) -> tuple[str, bool, str]:
+    """Register ``model_uri`` as a new version; move the alias to it if it beats the holder and its
+    artifacts are verifiably complete. Returns the version, whether the alias moved, and why."""
+    client = MlflowClient(uri)
+    version = mlflow.register_model(model_uri, cfg.model_name, tags=tags).version
+    missing = missing_artifacts(f"models:/{cfg.model_name}/{version}", checkpoint)
+    if missing:
+        return version, False, f"v{version}'s artifacts are incomplete ({missing}); the alias stays where it was"
+    move, reason = alias_decision(champion(client, cfg.model_name, cfg.alias), float(tags[SCORE_TAG]),
+                                  tags[FINGERPRINT_TAG])
+    if move:
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    return version, move, reason
+
+
+def missing_artifacts(model_uri: str, checkpoint: Path) -> str:
+    """What the model at ``model_uri`` lacks (empty when complete): MLmodel, and the checkpoint at its full size."""
+    stored = {f.path: f.file_size for f in mlflow.artifacts.list_artifacts(artifact_uri=model_uri)}
+    stored.update({f.path: f.file_size for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{model_uri}/artifacts")})
+    problems = [] if "MLmodel" in stored else ["MLmodel missing"]
+    size = stored.get(f"artifacts/{checkpoint.name}")
+    if size != checkpoint.stat().st_size:
+        problems.append(f"artifacts/{checkpoint.name} has {size} of {checkpoint.stat().st_size} bytes")
+    return "; ".join(problems)

@@ -76,6 +76,7 @@ def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
     featnet_path, _ = feature_net(cfg, ups)
     result, run_id = train_step.fit_tracked(cfg, ctx, pre_dir, manifest["image_shape"], featnet_path,
                                             name=f"train-{key}", params=flatten(dataclasses.asdict(cfg)))
+    tracking.require_sent(ctx.tracking_uri, run_id, result.metrics or {}, result.path)
     state = train_step.best_checkpoint_state(result)
     torch.save(state, out / CHECKPOINT_NAME)
     history = json.loads(state["history"])
@@ -86,6 +87,7 @@ def train(cfg: PipelineConfig, ctx, ups, out: Path, key: str) -> dict[str, Any]:
     tracking.end_run(ctx.tracking_uri, run_id)
     return {"checkpoint": CHECKPOINT_NAME, "mlflow_run_id": run_id, "best_epoch": int(state["epoch"]),
             "epochs_run": len(history), "val_fid": history[int(state["epoch"]) - 1].get(train_step.SCORE),
+            "faults": {k.removeprefix("fault/"): v for k, v in (result.metrics or {}).items() if k.startswith("fault/")},
             "config": dataclasses.asdict(cfg)}
 
 

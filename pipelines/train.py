@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import (
     Checkpoint,
@@ -35,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from vaegan import metrics
+from vaegan.atomic import atomic_file, write_json
 from vaegan.checkpoint import (
     CHECKPOINT_NAME,
     checkpoint_payload,
@@ -47,7 +50,7 @@ from vaegan.featnet import load_feature_net
 from vaegan.inference import GenerativeModel
 from vaegan.loop import epoch_log_line, train_epoch
 from vaegan.nets import build_nets
-from vaegan.step import VAEGANTrainer
+from vaegan.step import NonFiniteLossError, VAEGANTrainer
 
 from . import tracking
 from .config import PipelineConfig
@@ -66,6 +69,8 @@ class TrainJob:
     featnet_path: str
     tracking_uri: str = ""
     mlflow_run_id: str = ""
+    progress_path: str = ""
+    diverged_path: str = ""
 
 
 # -- worker side -----------------------------------------------------------------------------------
@@ -83,10 +88,15 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         enc, dec, dis = (_ddp(m, device) for m in (enc, dec, dis))
     trainer = VAEGANTrainer(cfg.core(), enc, dec, dis)
     start_epoch, history = _resume(trainer)
+    progress = FaultLedger(Path(job.progress_path), trainer.step, writer=rank == 0)
     torch.manual_seed(cfg.train.seed + 1000 * rank + start_epoch)  # different noise per rank
     validation = _Validation(job, cfg)
     tracker = _Tracker(job, rank)
     tracker.log_nodes(_gather_node_ids(world))
+    tracker.backfill(history)
+    if start_epoch > cfg.train.epochs:  # a rerun after the last checkpoint: hand that checkpoint back as the result
+        _report(trainer, {**history[-1], "mlflow/unsent": float(tracker.unsent())}, history, start_epoch - 1, rank,
+                checkpoint_now=True)
     shard = ray.train.get_dataset_shard("train")  # [1] this worker's stream of the train split
     best = min((h[SCORE] for h in history), default=float("inf"))
     stale = 0
@@ -96,8 +106,17 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         batches = (_as_images(b["image"], job.image_shape, device)
                    for b in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                                drop_last=True))
-        summary = train_epoch(trainer, batches)
+        try:
+            summary = train_epoch(trainer, batches, after_step=progress.record)
+        except NonFiniteLossError as err:
+            # Deterministic (every rank sees the same all-reduced norms, and a restart from the checkpoint
+            # would diverge the same way): end the run without a FailureConfig retry; the driver raises it.
+            if rank == 0:
+                with atomic_file(job.diverged_path, "w") as f:
+                    f.write(str(err))
+            return
         summary["images_per_s"] *= world  # the epoch's global throughput
+        summary.update(progress.metrics())
         summary["torch_threads"] = float(torch.get_num_threads())  # Ray sets OMP_NUM_THREADS to the worker's CPUs
         model = GenerativeModel.from_checkpoint(checkpoint_payload(trainer))
         val = validation.run(model)
@@ -111,6 +130,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             print(f"[train] {epoch_log_line(epoch, summary, {k: v for k, v in val.items() if k != 'val/kid_std'})}",
                   flush=True)
         tracker.log_epoch(summary, epoch, validation.grids(model) if rank == 0 else [])
+        summary["mlflow/unsent"] = float(tracker.unsent())
         checkpoint_now = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs or stop
         _report(trainer, summary, history, epoch, rank, checkpoint_now)  # [3] report (+ checkpoint)
         if stop:
@@ -147,6 +167,38 @@ def _resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:
     return int(state["epoch"]) + 1, history
 
 
+class FaultLedger:
+    """How often this training run was restarted and how many steps it had to redo.
+
+    Checkpoints hold the state at the end of an epoch, so a worker killed mid-epoch loses the steps since;
+    only a record written outside the checkpoint after every step can say how many. Rank 0 keeps it in
+    ``progress_path`` (beside Ray's storage, so a rerun of the pipeline finds it too), together with the
+    running totals, which must survive several restarts between two checkpoints.
+    """
+
+    def __init__(self, path: Path, resumed_step: int, writer: bool):
+        self.path, self.writer = path, writer
+        last = json.loads(path.read_text()) if path.is_file() else None
+        if last is None:
+            self.totals = {"restarts": 0, "steps_redone": 0, "recovery_seconds": 0.0}
+        else:  # a previous attempt of this run got as far as last["step"]: everything since the checkpoint is redone
+            self.totals = {"restarts": last["restarts"] + 1,
+                           "steps_redone": last["steps_redone"] + max(0, last["step"] - resumed_step),
+                           "recovery_seconds": round(time.time() - last["time"], 3)}
+            if writer:
+                print(f"[train] restart {self.totals['restarts']}: redoing {last['step'] - resumed_step} steps "
+                      f"(from step {resumed_step}); {self.totals['recovery_seconds']:.1f}s since the last step",
+                      flush=True)
+        self.record(resumed_step)
+
+    def record(self, step: int) -> None:
+        if self.writer:
+            write_json(self.path, {"step": step, "time": time.time(), **self.totals})
+
+    def metrics(self) -> dict[str, float]:
+        return {f"fault/{name}": float(value) for name, value in self.totals.items()}
+
+
 def _gather_node_ids(world: int) -> list[str]:
     node = ray.get_runtime_context().get_node_id()
     if world == 1:
@@ -159,6 +211,8 @@ def _gather_node_ids(world: int) -> list[str]:
 def _report(trainer: VAEGANTrainer, summary: dict[str, float], history: list[dict[str, float]], epoch: int,
             rank: int, checkpoint_now: bool) -> None:
     """Every rank reports once per epoch; only rank 0 attaches the checkpoint."""
+    if checkpoint_now:
+        trainer.mark_good()  # a persistent divergence rolls back to this checkpoint, on every rank alike
     if not (checkpoint_now and rank == 0):
         ray.train.report(summary)
         return
@@ -196,28 +250,80 @@ def save_grids(model: GenerativeModel, originals: torch.Tensor, folder: Path, se
     return [folder / "samples.png", folder / "reconstructions.png"]
 
 
+def _metrics(summary: dict[str, float], epoch: int) -> list:
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, epoch) for k, v in summary.items()]
+
+
 class _Tracker:
-    """MLflow logging from world rank 0 only, into the run the driver created."""
+    """MLflow logging from world rank 0 only, into the run the driver created.
+
+    A tracking server that goes away must not stop training: whatever cannot be sent is kept, in order,
+    and sent before the next epoch's figures once the server answers again. What is still unsent when
+    training ends is counted in the last report (``mlflow/unsent``), and the driver fails the step with a
+    clear error instead of registering a model whose run lacks them.
+    """
 
     def __init__(self, job: TrainJob, rank: int):
         self.enabled = rank == 0 and bool(job.mlflow_run_id)
         self.run_id = job.mlflow_run_id
-        self.client = MlflowClient(job.tracking_uri) if self.enabled else None
+        self.uri = job.tracking_uri
+        self.pending: list[Callable[[], None]] = []
+        self.outage_reported = False
+        if self.enabled:
+            # MLflow retries a dead server for minutes per call by default; training must not wait on it.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+            self.client = MlflowClient(job.tracking_uri)
 
     def log_nodes(self, nodes: list[str]) -> None:
-        if self.enabled:
-            self.client.set_tag(self.run_id, "train.node_ids", ",".join(nodes))
-            self.client.log_param(self.run_id, "train.num_nodes", len(set(nodes)))
+        self._send(lambda: self.client.set_tag(self.run_id, "train.node_ids", ",".join(nodes)),
+                   lambda: self.client.log_param(self.run_id, "train.num_nodes", len(set(nodes))))
 
     def log_epoch(self, summary: dict[str, float], epoch: int, pngs: list[Path]) -> None:
+        metrics = _metrics(summary, epoch)
+        self._send(lambda: self._log_metrics(metrics), *(self._artifact(png, f"epoch_{epoch:03d}") for png in pngs))
+
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """A rerun of the pipeline resumes into a new MLflow run: give it the epochs its checkpoint holds
+        (a worker restart resumes into the same run, which has them already)."""
+        def send() -> None:
+            if "epoch" not in self.client.get_run(self.run_id).data.metrics:
+                self._log_metrics([m for summary in history for m in _metrics(summary, int(summary["epoch"]))])
+        if history:
+            self._send(send)
+
+    def _log_metrics(self, metrics: list) -> None:
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def unsent(self) -> int:
+        return len(self.pending)
+
+    def _artifact(self, png: Path, folder: str) -> Callable[[], None]:
+        def send() -> None:
+            self.client.log_artifact(self.run_id, str(png), artifact_path=folder)
+            os.unlink(png)
+        return send
+
+    def _send(self, *calls: Callable[[], None]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in summary.items()])
-        for png in pngs:
-            self.client.log_artifact(self.run_id, str(png), artifact_path=f"epoch_{epoch:03d}")
-            os.unlink(png)
+        self.pending.extend(calls)
+        while self.pending:
+            try:
+                self.pending[0]()
+            except (MlflowException, OSError) as err:  # requests' errors are OSErrors; either means "not now"
+                if not self.outage_reported:
+                    print(f"[train] MLflow at {self.uri} is not answering ({type(err).__name__}); training goes on "
+                          "and its figures are sent once it is back", flush=True)
+                self.outage_reported = True
+                return
+            self.pending.pop(0)
+        if self.outage_reported:
+            print(f"[train] MLflow at {self.uri} is back; buffered figures sent", flush=True)
+            self.outage_reported = False
 
 
 # -- driver side -----------------------------------------------------------------------------------
@@ -227,6 +333,11 @@ def worker_resources(cfg: PipelineConfig) -> dict[str, float]:
     """What each Train worker reserves: ``cpus_per_worker`` CPUs (Ray sets OMP_NUM_THREADS, hence torch's
     thread count, from it) and one GPU when ``use_gpu``."""
     return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+
+
+def progress_path(storage: Path, name: str) -> Path:
+    """Where the FaultLedger of training run ``name`` lives (Ray owns the folder named ``name`` itself)."""
+    return storage / f"{name}.progress.json"
 
 
 def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_path: Path, *, name: str,
@@ -241,8 +352,11 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
         # The workers would hold every CPU and Ray Data's read tasks could never run: read it all up front
         # (the object store spills to disk beyond memory) rather than deadlock mid-stream.
         dataset = dataset.materialize()
+    diverged = storage / f"{name}.diverged"  # why training gave up, written by rank 0 (see NonFiniteLossError)
+    diverged.unlink(missing_ok=True)
     job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
-                   featnet_path=str(featnet_path), tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id)
+                   featnet_path=str(featnet_path), tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id,
+                   progress_path=str(progress_path(storage, name)), diverged_path=str(diverged))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(job),
@@ -255,7 +369,10 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
         datasets={"train": dataset},
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if diverged.is_file():
+        raise NonFiniteLossError(diverged.read_text())
+    return result
 
 
 def fit_tracked(cfg: PipelineConfig, ctx: Any, data_dir: Path, image_shape: list[int], featnet_path: Path, *,
@@ -271,7 +388,7 @@ def fit_tracked(cfg: PipelineConfig, ctx: Any, data_dir: Path, image_shape: list
                      callbacks=callbacks)
     except BaseException:
         if status_on_error:
-            tracking.end_run(ctx.tracking_uri, run_id, status_on_error)
+            tracking.end_run_if_reachable(ctx.tracking_uri, run_id, status_on_error)
         raise
     return result, run_id
 

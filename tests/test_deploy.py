@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -188,38 +189,78 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-def test_mlflow_models_serve_answers_every_mode(smoke_job, mlflow_server, tmp_path):
+@pytest.fixture(scope="module")
+def served_model(smoke_job, mlflow_server, tmp_path_factory):
+    """`mlflow models serve` of the champion, started from a fresh environment; yields its /invocations URL.
+
+    One uvicorn worker (MLflow's default) on purpose: the server runs each request in a thread pool, which
+    the load test shows holds 32 at once on 2 cores; every further worker would load its own model copy.
+    """
     assert smoke_job["proc"].returncode == 0
+    folder = tmp_path_factory.mktemp("serve")
     port = free_port()
-    env = {**fresh_env(tmp_path, mlflow_server)}
-    log = open(tmp_path / "serve.log", "w")
+    log = open(folder / "serve.log", "w")
     server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              env=fresh_env(folder, mlflow_server), cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", 180, server)
-        url = f"http://127.0.0.1:{port}/invocations"
-        dummy = np.zeros((1, 1, 28, 28), np.float32).tolist()
-        status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 8, "seed": 3}})
-        assert status == 200, body
-        samples = np.asarray(body["predictions"], np.float32)
-        assert samples.shape == (8, 1, 28, 28) and 0 <= samples.min() and samples.max() <= 1
-
-        status, body = post(url, {"inputs": samples.tolist(), "params": {"mode": "encode"}})
-        assert status == 200 and np.asarray(body["predictions"]).shape == (8, 16)
-        status, body = post(url, {"inputs": samples.tolist(), "params": {"mode": "reconstruct"}})
-        recon = np.asarray(body["predictions"])
-        assert status == 200 and recon.shape == (8, 1, 28, 28) and 0 <= recon.min() and recon.max() <= 1
-        status, body = post(url, {"inputs": samples[:2].tolist(), "params": {"mode": "interpolate", "steps": 5}})
-        assert status == 200 and np.asarray(body["predictions"]).shape == (5, 1, 28, 28)
-
-        status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 5000}})
-        assert status == 400 and "num_samples=5000" in body["message"]
-        status, body = post(url, {"inputs": np.zeros((2, 3, 28, 28)).tolist(), "params": {"mode": "encode"}})
-        assert 400 <= status < 500, body
+        yield f"http://127.0.0.1:{port}/invocations"
     finally:
         stop_group(server)
         log.close()
+
+
+def test_mlflow_models_serve_answers_every_mode(served_model):
+    url = served_model
+    dummy = np.zeros((1, 1, 28, 28), np.float32).tolist()
+    status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 8, "seed": 3}})
+    assert status == 200, body
+    samples = np.asarray(body["predictions"], np.float32)
+    assert samples.shape == (8, 1, 28, 28) and 0 <= samples.min() and samples.max() <= 1
+
+    status, body = post(url, {"inputs": samples.tolist(), "params": {"mode": "encode"}})
+    assert status == 200 and np.asarray(body["predictions"]).shape == (8, 16)
+    status, body = post(url, {"inputs": samples.tolist(), "params": {"mode": "reconstruct"}})
+    recon = np.asarray(body["predictions"])
+    assert status == 200 and recon.shape == (8, 1, 28, 28) and 0 <= recon.min() and recon.max() <= 1
+    status, body = post(url, {"inputs": samples[:2].tolist(), "params": {"mode": "interpolate", "steps": 5}})
+    assert status == 200 and np.asarray(body["predictions"]).shape == (5, 1, 28, 28)
+
+    status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 5000}})
+    assert status == 400 and "num_samples=5000" in body["message"]
+    status, body = post(url, {"inputs": np.zeros((2, 3, 28, 28)).tolist(), "params": {"mode": "encode"}})
+    assert 400 <= status < 500, body
+
+
+def test_serving_answers_32_parallel_requests_and_refuses_the_oversize_ones_among_them(served_model):
+    """Every answer is checked: shape, range, and equal to the answer to the same request sent alongside
+    it (no cross-talk between requests served at once); the two oversize requests get a 400 naming the cap."""
+    dummy = np.zeros((1, 1, 28, 28), np.float32).tolist()
+    images = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32).tolist()
+    bodies = {"sample": {"inputs": dummy, "params": {"mode": "sample", "num_samples": 8, "seed": 3}},
+              "encode": {"inputs": images, "params": {"mode": "encode"}},
+              "reconstruct": {"inputs": images, "params": {"mode": "reconstruct"}},
+              "num_samples=5000": {"inputs": dummy, "params": {"mode": "sample", "num_samples": 5000}},
+              "input holds 1025 images": {"inputs": np.zeros((1025, 1, 28, 28), np.float32).tolist(),
+                                          "params": {"mode": "encode"}}}
+    shapes = {"sample": (8, 1, 28, 28), "encode": (8, 16), "reconstruct": (8, 1, 28, 28)}
+    kinds = [("sample", "encode", "reconstruct")[i % 3] for i in range(30)]
+    kinds[10:10], kinds[21:21] = ["num_samples=5000"], ["input holds 1025 images"]
+    with ThreadPoolExecutor(max_workers=len(kinds)) as pool:
+        answers = list(pool.map(lambda kind: post(served_model, bodies[kind]), kinds))
+    first: dict[str, np.ndarray] = {}
+    for kind, (status, body) in zip(kinds, answers):
+        if kind not in shapes:
+            assert status == 400 and kind in body["message"], (kind, status, body)
+            continue
+        assert status == 200, (kind, status, body)
+        out = np.asarray(body["predictions"], np.float32)
+        assert out.shape == shapes[kind] and np.isfinite(out).all(), kind
+        assert kind == "encode" or 0 <= out.min() <= out.max() <= 1, kind
+        assert np.allclose(out, first.setdefault(kind, out), atol=1e-6), f"{kind}: same request, other answer"
+    assert len(kinds) == 32 and len(answers) == 32
 
 
 def test_job_stop_leaves_no_partial_outputs_or_registry_entry(cluster, smoke_job, mlflow_server, tmp_path):

@@ -90,7 +90,7 @@ def test_a_step_moves_every_network_and_only_when_allowed():
 
 def test_nan_guard_skips_counts_and_then_fails_clearly():
     cfg = tiny_config()
-    cfg.train.max_bad_steps = 3
+    cfg.train.max_bad_steps, cfg.train.max_rollbacks = 3, 0  # rollbacks: tests/test_rollback.py
     trainer = make_trainer(cfg)
     before = copy.deepcopy(trainer.dec.state_dict())
     bad = torch.full((4, 1, 28, 28), float("nan"))

@@ -7,14 +7,13 @@ plain values the caller adds (epoch, metrics). No pickled classes: loading one n
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_file
 from .config import VAEGANConfig, from_dict
 from .step import VAEGANTrainer
 
@@ -31,19 +30,9 @@ def checkpoint_payload(trainer: VAEGANTrainer, extra: dict[str, Any] | None = No
 
 def save_checkpoint(path: str | Path, trainer: VAEGANTrainer, extra: dict[str, Any] | None = None) -> Path:
     """Write atomically: a reader sees the old file or the complete new one, never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint_payload(trainer, extra), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as f:
+        torch.save(checkpoint_payload(trainer, extra), f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

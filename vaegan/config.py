@@ -82,8 +82,14 @@ class TrainConfig:
     grad_clip: float = 10.0  # max global grad norm per network; 0 disables clipping (the NaN guard still runs)
     ema_decay: float = 0.999  # EMA of decoder weights used for sampling; 0 disables it
     balance_margin: float = 0.35  # D/G equilibrium around ln 2 (Larsen's code); 0 disables skipping
-    max_bad_steps: int = 20  # consecutive non-finite steps tolerated before training fails
+    max_bad_steps: int = 20  # consecutive non-finite steps tolerated before a rollback (or failure)
+    max_rollbacks: int = 3  # rollbacks to the last good checkpoint allowed before training fails
+    rollback_lr_factor: float = 0.5  # each rollback multiplies every optimiser's learning rate by this
     amp: bool = True  # bf16 autocast, CUDA only
+    # FAULT INJECTION FOR TESTS ONLY: the train_step calls numbered [from, from + steps) in execution
+    # order (a count that rollbacks never rewind) get a NaN loss, so tests drive the real guard. -1: off.
+    inject_nonfinite_from: int = -1
+    inject_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         _require(self.epochs > 0, "train.epochs", self.epochs, "a positive integer")
@@ -92,6 +98,13 @@ class TrainConfig:
         _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1)")
         _require(self.balance_margin >= 0, "train.balance_margin", self.balance_margin, "a number >= 0")
         _require(self.max_bad_steps > 0, "train.max_bad_steps", self.max_bad_steps, "a positive integer")
+        _require(self.max_rollbacks >= 0, "train.max_rollbacks", self.max_rollbacks, "an integer >= 0")
+        _require(0 < self.rollback_lr_factor < 1, "train.rollback_lr_factor", self.rollback_lr_factor,
+                 "a number in (0, 1)")
+        _require(self.inject_nonfinite_from >= -1, "train.inject_nonfinite_from", self.inject_nonfinite_from,
+                 "-1 (off) or a step number >= 0")
+        _require(self.inject_nonfinite_steps >= 0, "train.inject_nonfinite_steps", self.inject_nonfinite_steps,
+                 "an integer >= 0")
 
 
 @dataclass

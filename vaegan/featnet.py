@@ -14,8 +14,6 @@ those scores are weaker and only comparable with other scores from the same rand
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .atomic import atomic_file
 
 _EVAL_BATCH = 512
 
@@ -155,18 +155,6 @@ def dataset_fingerprint(images: torch.Tensor | np.ndarray,
     return digest.hexdigest()[:16]
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_feature_net(path: str | Path, fingerprint: str | None = None) -> FeatureNet:
     """A cached feature net (eval mode), loaded with ``weights_only=True``; checks the fingerprint if given."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -215,6 +203,6 @@ def load_or_train_feature_net(cache_dir: str | Path, fingerprint: str, images: t
     if labels is not None and test_images is not None and test_labels is not None:
         ckpt["test_accuracy"] = accuracy(net, test_images, test_labels)
         log(f"feature net {name}: test accuracy {ckpt['test_accuracy']:.4f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomic(ckpt, path)
+    with atomic_file(path) as f:
+        torch.save(ckpt, f)
     return net, name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -40,11 +40,15 @@ class EpochMeter:
                 "steps": float(self.steps)}
 
 
-def train_epoch(trainer: VAEGANTrainer, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Run ``train_step`` over ``batches`` (float (B, C, H, W) in [0, 1]); returns the epoch summary."""
+def train_epoch(trainer: VAEGANTrainer, batches: Iterable[torch.Tensor],
+                after_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Run ``train_step`` over ``batches`` (float (B, C, H, W) in [0, 1]); returns the epoch summary.
+    ``after_step`` is called with the trainer's step count after every step."""
     meter = EpochMeter()
     for x in batches:
         meter.update(trainer.train_step(x), x.shape[0])
+        if after_step is not None:
+            after_step(trainer.step)
     return meter.summary()
 
 

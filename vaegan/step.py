@@ -14,12 +14,16 @@ discriminator's loss into the decoder's gradient; toggling ``requires_grad`` mak
 
 Networks may be wrapped in DistributedDataParallel; ``ddp_sync`` keeps the frozen networks'
 forwards out of DDP's gradient bookkeeping. Nothing here knows about ranks or launchers.
+
+A step with non-finite gradients is skipped; ``train.max_bad_steps`` of them in a row roll the
+trainer back to the state of the last ``mark_good()`` (the last checkpoint) with every learning
+rate lowered, and training fails once ``train.max_rollbacks`` rollbacks did not help.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,7 +36,7 @@ from .config import OptimConfig, VAEGANConfig
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training diverged: too many consecutive steps produced non-finite gradients."""
+    """Training diverged: non-finite gradients persisted through every allowed rollback."""
 
 
 @dataclass
@@ -81,6 +85,17 @@ def warmup_ema(decay: float):
     return update
 
 
+def cpu_copy(value: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor cloned onto the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item) for item in value)
+    return value  # numbers, strings, None: immutable
+
+
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(unwrap(module).parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
@@ -102,14 +117,19 @@ class VAEGANTrainer:
         decay = cfg.train.ema_decay
         self.dec_ema = (AveragedModel(unwrap(dec), multi_avg_fn=warmup_ema(decay), use_buffers=True)
                         if decay > 0 else None)
-        self.step = 0
+        self.step = 0  # goes back on a rollback
+        self.executed_steps = 0  # train_step calls so far; never goes back
         self.bad_steps = 0  # consecutive non-finite steps
-        self.counters = {"nonfinite_skipped": 0, "dis_skipped": 0, "dec_skipped": 0}
+        self.counters = {"nonfinite_skipped": 0, "dis_skipped": 0, "dec_skipped": 0, "rollbacks": 0}
         for module in self._networks():
             module.requires_grad_(False)
+        self.mark_good()
 
     def _networks(self) -> list[nn.Module]:
         return [m for m in (self.enc, self.dec, self.dis) if m is not None]
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.opt_enc, self.opt_dec, self.opt_dis) if o is not None]
 
     @property
     def generator(self) -> nn.Module:
@@ -142,9 +162,10 @@ class VAEGANTrainer:
                 metrics.update(dec_metrics)
                 metrics.update(dis_metrics)
                 update_dis, update_dec = self._balance(real_bce, fake_bce)
-        metrics.update(self._guard_and_step(update_dis, update_dec))
         metrics["kl_weight"] = torch.tensor(kl_weight)
-        self.step += 1
+        self.executed_steps += 1
+        self.step += 1  # before the guard, so that a rollback leaves the snapshot's step in place
+        metrics.update(self._guard_and_step(update_dis, update_dec))
         return {name: value for name, value in zip(metrics, torch.stack([v.detach().float().cpu() for v in metrics.values()]).tolist())}
 
     # -- phases ------------------------------------------------------------------------------
@@ -175,7 +196,7 @@ class VAEGANTrainer:
             kl = losses.kl_divergence(mu, logvar, self.cfg.loss.free_bits)
             pixel = losses.pixel_nll(self.dec(z), x)
             total = kl_weight * kl + pixel
-            total.backward()
+            self._backward(total)
         return {"loss/enc/kl": kl, "loss/dec/pixel": pixel, "loss/vae/total": total}
 
     def _enc_phase(self, x: torch.Tensor, noise: StepNoise, kl_weight: float):
@@ -190,7 +211,7 @@ class VAEGANTrainer:
             feature = losses.feature_nll(rec_feats, real_feats)
             pixel = losses.pixel_nll(rec_logits, x)
             total = losses.encoder_loss(cfg, kl, feature, pixel, kl_weight)
-            total.backward()
+            self._backward(total)
         metrics = {"loss/enc/kl": kl, "loss/enc/feature": feature, "loss/enc/pixel": pixel, "loss/enc/total": total}
         return metrics, z.detach(), real_feats
 
@@ -205,7 +226,7 @@ class VAEGANTrainer:
             pixel = losses.pixel_nll(logits_all[:batch], x)
             gan = losses.generator_loss(cfg.adversarial, fake_logits)
             total = losses.decoder_loss(cfg, feature, pixel, gan)
-            total.backward()
+            self._backward(total)
         metrics = {"loss/dec/feature": feature, "loss/dec/pixel": pixel, "loss/dec/gan": gan, "loss/dec/total": total}
         return metrics, fakes.detach()
 
@@ -228,12 +249,20 @@ class VAEGANTrainer:
             if cfg.r1_weight > 0:
                 penalty = penalty + cfg.r1_weight * losses.r1_penalty(real_logits, real)
             total = real_term + fake_term + penalty
-            total.backward()
+            self._backward(total)
         bce = torch.stack([nn.functional.softplus(-real_logits).mean(), nn.functional.softplus(fake_logits).mean()])
         metrics = {"loss/dis/real": real_term, "loss/dis/fake": fake_term, "loss/dis/penalty": penalty,
                    "loss/dis/total": total}
         real_bce, fake_bce = mean_across_workers(bce.detach().float()).tolist()
         return metrics, real_bce, fake_bce
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # FAULT INJECTION FOR TESTS ONLY: a NaN loss gives NaN gradients, so the real guard catches it.
+        # It depends on executed_steps alone, so every DDP worker poisons the same steps.
+        train = self.cfg.train
+        injected = 0 <= train.inject_nonfinite_from <= self.executed_steps < (
+            train.inject_nonfinite_from + train.inject_nonfinite_steps)
+        (loss * float("nan") if injected else loss).backward()
 
     # -- updates -----------------------------------------------------------------------------
 
@@ -268,23 +297,43 @@ class VAEGANTrainer:
         return {**norms, **self._counter_metrics()}
 
     def _skip_nonfinite(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for opt in (self.opt_enc, self.opt_dec, self.opt_dis):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
         self.bad_steps += 1
         self.counters["nonfinite_skipped"] += 1
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{self.bad_steps} consecutive training steps had non-finite gradients (at step {self.step}; "
-                f"norms {({k: float(v) for k, v in norms.items()})}); limit train.max_bad_steps="
-                f"{self.cfg.train.max_bad_steps}. Lower the learning rates, keep train.grad_clip > 0 "
-                "or enable model.spectral_norm.")
+        train = self.cfg.train
+        if self.bad_steps >= train.max_bad_steps:
+            if self.counters["rollbacks"] >= train.max_rollbacks:
+                raise NonFiniteLossError(
+                    f"{self.bad_steps} consecutive training steps had non-finite gradients (at step {self.step}; "
+                    f"norms {({k: float(v) for k, v in norms.items()})}) after {self.counters['rollbacks']} "
+                    f"rollbacks to the last good checkpoint, each multiplying the learning rates by "
+                    f"{train.rollback_lr_factor}; limits train.max_bad_steps={train.max_bad_steps}, "
+                    f"train.max_rollbacks={train.max_rollbacks}. Lower the learning rates, keep "
+                    "train.grad_clip > 0, enable model.spectral_norm or raise train.max_rollbacks.")
+            self._rollback()
         return {**norms, **self._counter_metrics()}
+
+    def _rollback(self) -> None:
+        """Back to the last good state with every learning rate lowered; counters keep counting."""
+        lowered = [[group["lr"] * self.cfg.train.rollback_lr_factor for group in opt.param_groups]
+                   for opt in self._optimizers()]
+        # A fresh copy: optimisers adopt loaded CPU tensors as their own state and update them in place.
+        self._restore(cpu_copy(self.good_state))
+        for opt, lrs in zip(self._optimizers(), lowered):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr
+        self.bad_steps = 0
+        self.counters["rollbacks"] += 1
 
     def _counter_metrics(self) -> dict[str, torch.Tensor]:
         return {f"guard/{k}": torch.tensor(float(v)) for k, v in self.counters.items()}
 
     # -- state -------------------------------------------------------------------------------
+
+    def mark_good(self) -> None:
+        """Remember the current state (on the CPU) as the one a divergence rolls back to."""
+        self.good_state = cpu_copy(self.state_dict())
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers only, so checkpoints load with ``torch.load(weights_only=True)``."""
@@ -294,6 +343,7 @@ class VAEGANTrainer:
             "opt_enc": self.opt_enc.state_dict(),
             "opt_dec": self.opt_dec.state_dict(),
             "step": self.step,
+            "executed_steps": self.executed_steps,
             "counters": dict(self.counters),
         }
         if self.dis is not None:
@@ -305,6 +355,14 @@ class VAEGANTrainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state`` (a checkpoint), which becomes the rollback target."""
+        self._restore(state)
+        self.executed_steps = int(state.get("executed_steps", state["step"]))  # checkpoints from before rollbacks
+        self.counters.update(state["counters"])
+        self.mark_good()
+
+    def _restore(self, state: dict) -> None:
+        """Weights, optimiser states (learning rates included) and the step; not the counters."""
         unwrap(self.enc).load_state_dict(state["enc"])
         unwrap(self.dec).load_state_dict(state["dec"])
         self.opt_enc.load_state_dict(state["opt_enc"])
@@ -316,4 +374,3 @@ class VAEGANTrainer:
             self.dec_ema.module.load_state_dict(state["dec_ema"])
             self.dec_ema.n_averaged.fill_(state["ema_updates"])
         self.step = int(state["step"])
-        self.counters.update(state["counters"])

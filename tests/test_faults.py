@@ -1,0 +1,184 @@
+"""Faults the pipeline survives, on a real local Ray and a real `mlflow server`.
+
+One run folder goes through three attempts of the same command: the driver is SIGKILLed during preprocess,
+then again during training, and the third attempt has one of its Train workers SIGKILLed mid-epoch. It must
+finish from the latest checkpoint each time, skip the steps that finished, and record what was redone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, REPO
+
+from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+TRAIN_WORKER = "RayTrainWorker"  # the process title Ray gives a Train worker actor
+
+
+def start(run_dir: Path, env: dict) -> subprocess.Popen:
+    command = [str(BIN / "vaegan"), "run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir),
+               "--steps", "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "train.epochs=4",
+               "--set", "train.num_workers=2", "--set", "register.experiment=faults"]
+    log = open(run_dir.parent / f"{run_dir.name}-attempt-{time.time_ns()}.log", "w+")
+    # Its own session, so the kill below takes the driver together with the local Ray it started.
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the fault:\n{output(proc)[-3000:]}"
+        time.sleep(0.1)
+    raise TimeoutError(f"no fault point within {timeout}s:\n{output(proc)[-3000:]}")
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Ray's own daemons may have left the session; give what is left of this Ray time to notice and go.
+    deadline = time.time() + 60
+    while time.time() < deadline and pids_of("raylet|gcs_server"):
+        time.sleep(0.5)
+    for pid in pids_of("raylet|gcs_server|ray::"):
+        os.kill(pid, signal.SIGKILL)
+
+
+def pids_of(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def progress(run_dir: Path) -> dict:
+    files = list((run_dir / "ray").glob("train-*.progress.json"))
+    return json.loads(files[0].read_text()) if files else {}
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "ray").glob("train-*/checkpoint_*") if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def attempts(tmp_path_factory, mlflow_server):
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    run_dir.mkdir()
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+
+    first = start(run_dir, env)
+    wait_for(lambda: list(run_dir.glob(".preprocess-*.tmp-*/split=*")), first)
+    kill_session(first)
+    after_first = sorted(p.name for p in run_dir.iterdir())
+
+    second = start(run_dir, env)
+    wait_for(lambda: checkpoints(run_dir) and progress(run_dir).get("step", 0) > 3 + first_checkpoint_step(run_dir),
+             second)
+    killed_at_step = progress(run_dir)["step"]
+    kill_session(second)
+    preprocess_dir = next(run_dir.glob("preprocess-*"))
+    preprocess_before = {p: p.stat().st_mtime_ns for p in preprocess_dir.rglob("*")}
+
+    third = start(run_dir, env)
+    resumed_at = wait_for(lambda: progress(run_dir).get("restarts") == 1 and progress(run_dir)["step"], third)
+    wait_for(lambda: progress(run_dir)["step"] >= resumed_at + 3, third)
+    workers = pids_of(TRAIN_WORKER)
+    assert workers, "no Train worker process found"
+    worker_killed_at = time.time()
+    os.kill(workers[0], signal.SIGKILL)
+    assert third.wait(timeout=600) == 0, output(third)[-4000:]
+    return {"run_dir": run_dir, "after_first": after_first, "killed_at_step": killed_at_step,
+            "preprocess_before": preprocess_before, "preprocess_dir": preprocess_dir, "third": output(third),
+            "worker_killed_at": worker_killed_at, "summary": json.loads((run_dir / "summary.json").read_text())}
+
+
+def first_checkpoint_step(run_dir: Path) -> int:
+    return int(load_checkpoint(checkpoints(run_dir)[0] / CHECKPOINT_NAME)["step"])
+
+
+def test_a_driver_killed_in_preprocess_leaves_no_visible_step(attempts):
+    visible = [name for name in attempts["after_first"] if not name.startswith(".")]
+    assert not [name for name in visible if name.startswith("preprocess-")], visible
+
+
+def test_the_rerun_skips_finished_steps(attempts):
+    steps = attempts["summary"]["steps"]
+    assert steps["preprocess"]["status"] == "cached" and steps["train"]["status"] == "ran"
+    assert {p: p.stat().st_mtime_ns for p in attempts["preprocess_dir"].rglob("*")} == attempts["preprocess_before"]
+
+
+def test_training_resumes_from_the_latest_checkpoint_not_from_scratch(attempts):
+    assert "[train] resumed from epoch" in attempts["third"]
+    line = next(x for x in attempts["third"].splitlines() if "[train] restart 1:" in x)
+    assert "from step 0" not in line, line
+
+
+def test_a_killed_worker_is_replaced_and_the_run_records_what_was_redone(attempts):
+    faults = attempts["summary"]["train_faults"]
+    assert faults["restarts"] == 2  # the rerun of the killed driver, then the killed worker
+    assert faults["steps_redone"] >= 3 + 3  # at least the steps past each checkpoint before each kill
+    assert 0 < faults["recovery_seconds"] < 300
+    assert "[train] restart 2:" in attempts["third"]
+
+
+def test_no_checkpoint_is_lost_or_half_written(attempts):
+    run_dir = attempts["run_dir"]
+    kept = checkpoints(run_dir)
+    assert kept, "Ray's storage holds the run's checkpoints"
+    for folder in kept:
+        state = load_checkpoint(folder / CHECKPOINT_NAME)  # weights_only: a half-written file fails here
+        assert state["step"] > 0
+    assert not [p for p in run_dir.rglob("*.tmp") if p.is_file()]
+    assert not list(run_dir.glob(".*.tmp-*"))
+    final = load_checkpoint(next(run_dir.glob("train-*")) / CHECKPOINT_NAME)
+    assert len(json.loads(final["history"])) >= 1
+
+
+@pytest.fixture(scope="module")
+def nan_run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("nan-run")
+
+
+def run_injected(run_dir: Path, mlflow_server: str, *overrides: str):
+    from conftest import run_cli
+    args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), "--steps",
+            "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "register.experiment=faults",
+            "--set", "train.max_bad_steps=3", "--set", "train.max_failures=0"]
+    for override in overrides:
+        args += ["--set", override]
+    return run_cli(*args, env={"MLFLOW_TRACKING_URI": mlflow_server})
+
+
+def test_injected_non_finite_losses_are_skipped_counted_and_rolled_back(nan_run_dir, mlflow_server):
+    done = run_injected(nan_run_dir, mlflow_server, "train.inject_nonfinite_from=5",
+                        "train.inject_nonfinite_steps=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads(next(nan_run_dir.glob("train-*/history.json")).read_text())
+    assert history[-1]["guard/nonfinite_skipped"] == 4  # 3 in a row trigger the rollback, the 4th is skipped after it
+    assert history[-1]["guard/rollbacks"] == 1
+    assert all(math.isfinite(history[-1][k]) for k in ("loss/enc/kl", "loss/dec/pixel", "val/fid"))
+
+
+def test_a_persistent_divergence_fails_clearly_after_the_allowed_rollbacks(nan_run_dir, mlflow_server):
+    published = {p: p.stat().st_mtime_ns for p in nan_run_dir.glob("*-*/**/*")}
+    done = run_injected(nan_run_dir, mlflow_server, "train.inject_nonfinite_from=0",
+                        "train.inject_nonfinite_steps=100000", "train.max_rollbacks=2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.max_rollbacks=2" in errors[0] and "train.max_bad_steps=3" in errors[0], errors
+    assert {p: p.stat().st_mtime_ns for p in nan_run_dir.glob("*-*/**/*")} == published, "earlier steps untouched"
