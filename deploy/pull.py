@@ -25,6 +25,7 @@ import torch
 import torchvision
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from vaegan.data import match_channels, resize_images
@@ -50,7 +51,7 @@ def load_model(model_uri: str) -> PyFuncModel:
             model = mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as err:
         raise PullError(f"cannot load model {model_uri!r} from {mlflow.get_tracking_uri()}: "
-                        f"{str(err).splitlines()[0]}") from err
+                        f"{str(err).splitlines()[0].rstrip('.')}; allowed: {_uris_held(model_uri)}") from err
     try:
         python_model = model.unwrap_python_model()
     except MlflowException:
@@ -58,8 +59,26 @@ def load_model(model_uri: str) -> PyFuncModel:
     if type(python_model).__name__ != PYFUNC_CLASS:
         flavours = ", ".join(sorted(model.metadata.flavors))
         raise PullError(f"model {model_uri!r} is not a vaegan model (flavours: {flavours}); "
-                        "expected one registered by `vaegan run`")
+                        "allowed: a model registered by `vaegan run`")
     return model
+
+
+def _uris_held(model_uri: str) -> str:
+    """The URIs that would load, for an error message: the registered model's aliases and versions, or the
+    registered model names when ``model_uri`` names none."""
+    forms = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a model folder"
+    if not model_uri.startswith("models:/"):
+        return forms
+    name = model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    client = MlflowClient()
+    try:
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            return f"a registered model name, one of {sorted(m.name for m in client.search_registered_models())}"
+        aliases = sorted(client.get_registered_model(name).aliases)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:  # the registry cannot be listed: say what a URI looks like
+        return forms
+    return f"models:/{name}@ALIAS with ALIAS in {aliases}, or models:/{name}/VERSION with VERSION in {versions}"
 
 
 def image_shape(model: PyFuncModel) -> tuple[int, int, int]:
@@ -113,11 +132,18 @@ def _from_npy(path: Path) -> torch.Tensor:
         array = array[None, None]
     elif array.ndim == 3:
         array = array[:, None]
+    if array.shape[1] not in (1, 3):
+        raise PullError(f"{path} has shape {array.shape}, {array.shape[1]} channels; allowed: (N, C, H, W) with "
+                        "C = 1 or 3 (converted to the model's channels)")
     if array.dtype == np.uint8:
         return torch.from_numpy(array.astype(np.float32) / 255.0)
-    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() \
-            or array.min() < 0 or array.max() > 1:
-        raise PullError(f"{path} holds {array.dtype} values; allowed: uint8 0..255 or finite floats in [0, 1]")
+    allowed = "allowed: uint8 0..255 or finite floats in [0, 1]"
+    if not np.issubdtype(array.dtype, np.floating):
+        raise PullError(f"{path} holds {array.dtype} values; {allowed}")
+    if not np.isfinite(array).all():
+        raise PullError(f"{path} holds NaN or infinite values; {allowed}")
+    if array.size and (array.min() < 0 or array.max() > 1):
+        raise PullError(f"{path} holds {array.dtype} values in [{array.min():g}, {array.max():g}]; {allowed}")
     return torch.from_numpy(array.astype(np.float32))
 
 
@@ -128,9 +154,10 @@ def _from_parquet(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     except (KeyError, OSError, ValueError) as err:
         raise PullError(f"{path} is not a pipeline Parquet split with an 'image' column: {err}") from err
     size = int(np.prod(shape))
-    bad = next((len(row) for row in column if len(row) != size), None)
+    bad = next((i for i, row in enumerate(column) if len(row) != size), None)
     if bad is not None:
-        raise PullError(f"{path} holds images of {bad} bytes; the model takes {shape} = {size} bytes per image")
+        raise PullError(f"{path} row {bad} holds an image of {len(column[bad])} bytes; allowed: {size} bytes, "
+                        f"one {tuple(shape)} uint8 image as the pipeline writes for this model")
     return torch.from_numpy(np.frombuffer(b"".join(column), np.uint8).reshape(-1, *shape).astype(np.float32) / 255)
 
 
@@ -152,7 +179,8 @@ def _decode(path: Path, channels: int) -> torch.Tensor:
         with Image.open(path) as image:
             array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as err:
-        raise PullError(f"cannot decode image {str(path)!r}: {err}") from err
+        raise PullError(f"cannot decode image {str(path)!r}: {err}; allowed: "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))} files") from err
     return torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 

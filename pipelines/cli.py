@@ -24,18 +24,21 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from deploy import pull
-from deploy.pull import PullError
-from vaegan.checkpoint import CheckpointError
-from vaegan.config import ConfigError
-from vaegan.data import DatasetError, DatasetNotFoundError
-from vaegan.step import NonFiniteLossError
-
 from .config import STEPS, load_config
 
-USER_ERRORS = (ConfigError, DatasetError, DatasetNotFoundError, CheckpointError, NonFiniteLossError, PullError)
+# The user-facing errors by module. An error can only have been raised if its module was imported, so they
+# are looked up when one is raised: `vaegan --help` and a config mistake never wait seconds for torch or MLflow.
+USER_ERRORS = {"vaegan.config": ("ConfigError",), "vaegan.data": ("DatasetError", "DatasetNotFoundError"),
+               "vaegan.checkpoint": ("CheckpointError",), "vaegan.step": ("NonFiniteLossError",),
+               "deploy.pull": ("PullError",), "pipelines.tracking": ("TrackingError",),
+               "pipelines.preprocess": ("PreprocessError",)}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end like every user error: one ``error:`` line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _steps(text: str) -> list[str]:
@@ -47,7 +50,7 @@ def _steps(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaegan", description="Train VAE-GANs on Ray; pull them from MLflow.")
+    parser = OneLineParser(prog="vaegan", description="Train VAE-GANs on Ray; pull them from MLflow.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="execute the pipeline DAG (preprocess, tune, train, evaluate, register)")
@@ -59,21 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rerun STEP and everything after it even if cached")
     run.add_argument("--run-dir", type=Path, help="run folder (default runs/<config name>)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sweep = verbs.add_parser("sweep", help="preprocess + the Tune sweep of a config; writes the sweep report")
     sweep.add_argument("--config", required=True, help="YAML config; its tune section is the budget")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sweep.add_argument("--run-dir", type=Path, help="run folder (default runs/<config name>)")
-    sweep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add_evaluate_verb(verbs)
     add_pull_verbs(verbs)
     return parser
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: an integer >= 1")
     return value
 
 
@@ -87,7 +93,7 @@ def add_evaluate_verb(verbs) -> None:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
     evaluate.add_argument("--log", action="store_true", help="also log metrics and files to the model's MLflow run")
-    evaluate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_pull_verbs(verbs) -> None:
@@ -100,7 +106,7 @@ def add_pull_verbs(verbs) -> None:
                                 help="image file, folder of images, .npy, or a pipeline Parquet split")
             parser.add_argument("--limit", type=_positive, default=None, help="use only the first N input images")
         parser.add_argument("--out", required=True, type=Path, help="output file (.png grid or .npy array)")
-        parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return parser
 
     sample = verb("sample", "generate images from the prior", takes_input=False)
@@ -149,6 +155,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from deploy import pull
     model = pull.load_model(args.model)
     shape = pull.image_shape(model)
     if args.verb == "sample":
@@ -170,6 +179,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def _writable(path: Path) -> Path:
     """``path`` with its folder created; a clear error if it cannot be written."""
+    from deploy.pull import PullError
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -182,13 +192,14 @@ def _writable(path: Path) -> Path:
 def _user_error(err: BaseException) -> BaseException | None:
     """The user-facing error inside ``err`` (Ray wraps a task's exception), if it is one."""
     cause = getattr(err, "cause", None)
-    if isinstance(err, USER_ERRORS):
-        return err
-    if cause is not None:
+    if cause is not None:  # before isinstance: Ray's wrapper also subclasses the cause, but reads as a traceback
         return _user_error(cause)
-    from .preprocess import PreprocessError
-    from .tracking import TrackingError
-    return err if isinstance(err, (TrackingError, PreprocessError)) else None
+    for failure in getattr(err, "worker_failures", {}).values():  # Ray Train: each failed worker's own error
+        if _user_error(failure) is not None:
+            return _user_error(failure)
+    types = tuple(getattr(sys.modules[module], name) for module, names in USER_ERRORS.items()
+                  if module in sys.modules for name in names)
+    return err if isinstance(err, types) else None
 
 
 def _interrupt(signum, frame) -> None:
@@ -209,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         user_error = _user_error(err)
         if user_error is None or args.debug:
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        lines = [line.strip() for line in str(user_error).splitlines() if line.strip()]  # YAML's errors span lines
+        print(f"error: {'; '.join(lines)}", file=sys.stderr)
         return 2
 
 

@@ -6,20 +6,28 @@ alias_moved, image_shape, metrics, feature_net, data_fingerprint and per-step st
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
+from vaegan.atomic import write_json
 from vaegan.config import ConfigError
 
-from . import dag, tracking
+from . import dag, preprocess, tracking
 from .config import PipelineConfig, flatten
 
 SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units", "elbo_gap")
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray has: the running one's resources, else what ``connect_ray`` will give a new one,
+    every CPU and every GPU torch sees, so it can be checked before Ray starts."""
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
 
 
 def connect_ray() -> bool:
@@ -28,18 +36,18 @@ def connect_ray() -> bool:
     local = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return local
-    # Ray Train otherwise prints every worker line twice.
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    # Ray Train otherwise prints every worker line twice; Ray's workers talk to MLflow as the driver does.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}}
     if local:
-        ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env)
+        have = local_resources()
+        ray.init(num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env)
     else:
         ray.init(runtime_env=runtime_env)
     return local
 
 
-def check_fits_local_ray(cfg: PipelineConfig) -> None:
-    """A local Ray never grows: refuse a Train run it cannot place now, instead of waiting forever."""
-    have = ray.cluster_resources()
+def check_fits_local_ray(cfg: PipelineConfig, have: dict[str, float]) -> None:
+    """A local Ray never grows: refuse a Train run it cannot place, instead of waiting forever."""
     cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
     if cpus > have.get("CPU", 0):
         raise ConfigError(f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {cfg.train.num_workers} x "
@@ -52,6 +60,29 @@ def check_fits_local_ray(cfg: PipelineConfig) -> None:
                           "or train.use_gpu=false")
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, must be writable."""
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"run folder {str(run_dir)!r} (--run-dir) cannot be written: {str(existing)!r} {problem}; "
+                          "allowed: a folder this user can write")
+
+
+def check_data_fits(cfg: PipelineConfig) -> None:
+    """The source reads, no split comes out empty and each Train worker gets at least one batch
+    (workers drop their last partial batch, so a larger batch would train on nothing)."""
+    counts, exact = preprocess.split_counts(cfg.data)
+    rows, what = counts["train"], f"{'' if exact else 'an expected '}{counts['train']} training images"
+    if cfg.tune.enabled and 0 < cfg.tune.train_limit < rows:
+        rows, what = cfg.tune.train_limit, f"tune.train_limit={cfg.tune.train_limit} training images per trial"
+    per_worker = rows // cfg.train.num_workers
+    if cfg.train.batch_size > per_worker:
+        raise ConfigError(f"config key 'train.batch_size' has invalid value {cfg.train.batch_size}; allowed: at most "
+                          f"{per_worker} ({what} of {cfg.data.source or 'Fashion-MNIST'} with data.limit="
+                          f"{cfg.data.limit}, shared by train.num_workers={cfg.train.num_workers})")
+
+
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Resolve the data paths against the driver's working directory: Ray workers run elsewhere."""
     data = dataclasses.replace(cfg.data, data_dir=str(Path(cfg.data.data_dir).resolve()),
@@ -61,23 +92,28 @@ def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: set[str]) -> dict[str, Any]:
     cfg = with_absolute_paths(cfg)
+    # Cheap checks first, on the driver: a user error ends here, before Ray starts or anything is written.
+    check_run_dir(run_dir)
+    check_data_fits(cfg)
+    if not os.environ.get("RAY_ADDRESS"):
+        check_fits_local_ray(cfg, local_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in dag.remove_stale_partials(run_dir):
         print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
     uri = tracking.resolve_tracking_uri(cfg, run_dir)
+    tracking.bounded_retries()
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
-    if connect_ray():
-        check_fits_local_ray(cfg)
+    connect_ray()
     parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)))
     ctx = dag.RunContext(run_dir=str(run_dir.resolve()), tracking_uri=uri, experiment_id=experiment_id,
                          parent_run_id=parent)
     try:
         results = dag.execute(cfg, ctx, steps, force)
     except BaseException:
-        tracking.end_run(uri, parent, "FAILED")
+        tracking.end_run_if_reachable(uri, parent, "FAILED")
         raise
     summary = build_summary(uri, results)
-    path = write_json_atomic(run_dir / "summary.json", summary)
+    path = write_json(run_dir / "summary.json", summary)
     tracking.log_artifacts(uri, parent, [path])
     tracking.end_run(uri, parent)
     return summary
@@ -101,14 +137,8 @@ def build_summary(uri: str, results: dict[str, dict[str, Any]]) -> dict[str, Any
         "feature_net": evaluation.get("feature_net"),
         "data_fingerprint": manifest["fingerprint"],
         "data_counts": manifest["counts"],
+        "train_faults": results.get("train", {}).get("outputs", {}).get("faults"),
         "steps": {name: {"status": r["status"], "seconds": round(r["seconds"], 3), "key": r["key"]}
                   for name, r in results.items()},
     }
 
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data.extensions import ArrowTensorArray
+from ray.exceptions import UserCodeException
 
 from vaegan import data as vdata
 from vaegan.config import ModelConfig
@@ -39,8 +40,13 @@ BLOCK_ROWS = 2048
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff")
 
 
-class PreprocessError(ValueError):
-    """Source data that cannot be turned into the configured images; names the file or row."""
+class PreprocessError(ValueError, UserCodeException):
+    """Source data that cannot be turned into the configured images; names the file or row. A
+    UserCodeException, so Ray Data reports it as a fault in the data, without its internal traceback."""
+
+    def __str__(self) -> str:
+        # Ray Data appends its retry advice to a failed task's exception, after a line break; ours is one line.
+        return str(self.args[0]).partition("\n")[0] if self.args else ""
 
 
 def detect_format(source: str) -> str:
@@ -54,6 +60,42 @@ def detect_format(source: str) -> str:
     return "images"
 
 
+def source_format(cfg: DataConfig) -> str:
+    return detect_format(cfg.source) if cfg.format == "auto" else cfg.format
+
+
+def split_counts(cfg: DataConfig) -> tuple[dict[str, int], bool]:
+    """The rows each split will get and whether that is exact, from IDX headers, file names or Parquet
+    footers alone: cheap enough for the driver to check a source before Ray starts. Exact for IDX and
+    image folders, whose row keys are known up front; for Parquet, whose rows may be keyed by their
+    content, the expected share. Raises what reading the source would."""
+    fmt = source_format(cfg)
+    if fmt == "idx":
+        idx_dir, cache = vdata.find_idx_dir(cfg.source or None, cfg.data_dir), Path(cfg.data_dir) / "idx-cache"
+        train, test = (_idx_keep(cfg, split, vdata.check_idx(idx_dir, split, cache)) for split in ("train", "test"))
+        keys, is_test, exact = np.arange(train), np.zeros(train, bool), True
+    elif fmt == "images":
+        root = Path(cfg.source)
+        keys, is_test, test, exact = _path_keys(root, image_files(root, cfg.limit)), None, 0, True
+    else:
+        rows = parquet_rows(cfg.source)
+        rows = min(rows, cfg.limit) if cfg.limit else rows
+        keys, is_test, test, exact = np.arange(rows), None, 0, False  # stand-in keys: the shares come out alike
+    split = _split_of(keys, is_test, cfg)
+    counts = {name: int((split == name).sum()) + (test if name == "test" else 0) for name in SPLITS}
+    if exact:
+        check_no_empty_split(counts, cfg)
+    return counts, exact
+
+
+def check_no_empty_split(counts: dict[str, int], cfg: DataConfig) -> None:
+    empty = next((name for name in SPLITS if counts[name] == 0), None)
+    if empty is not None:
+        raise PreprocessError(f"split '{empty}' is empty after preprocessing {cfg.source or 'Fashion-MNIST'} "
+                              f"({sum(counts.values())} rows in all, data.limit={cfg.limit}); allowed: more data "
+                              "(data.limit) or larger data.val_fraction / data.test_fraction")
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -64,15 +106,23 @@ def idx_blocks(cfg: DataConfig) -> tuple[list[dict[str, np.ndarray]], list[str]]
     blocks = []
     for split, offset in (("train", 0), ("test", 10**9)):  # offsets keep the two files' keys apart
         images, labels = vdata.load_idx(idx_dir, split, cache_dir=Path(cfg.data_dir) / "idx-cache")
-        keys = np.arange(len(labels), dtype=np.int64) + offset
-        if cfg.limit:  # keep the source's train:test proportion (6:1 for Fashion-MNIST)
-            keep = round(cfg.limit * 6 / 7) if split == "train" else cfg.limit - round(cfg.limit * 6 / 7)
-            images, labels, keys = images[:keep], labels[:keep], keys[:keep]
+        keep = _idx_keep(cfg, split, len(labels))
+        images, labels = images[:keep], labels[:keep]
+        keys = np.arange(keep, dtype=np.int64) + offset
         for start in range(0, len(keys), 5000):  # several blocks, so map_batches can run in parallel
             rows = slice(start, start + 5000)
             blocks.append({"image": images[rows].numpy(), "label": labels[rows].numpy(), "key": keys[rows],
                            "is_test": np.full(len(keys[rows]), split == "test")})
     return blocks, [str(c) for c in range(10)]
+
+
+def _idx_keep(cfg: DataConfig, split: str, rows: int) -> int:
+    """Rows kept of an IDX split: all, or data.limit's share in the source's train:test proportion
+    (6:1 for Fashion-MNIST)."""
+    if not cfg.limit:
+        return rows
+    train = round(cfg.limit * 6 / 7)
+    return min(rows, train if split == "train" else cfg.limit - train)
 
 
 def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
@@ -81,31 +131,69 @@ def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
     return ray.data.from_arrow(tables), classes
 
 
-def _read_images(cfg: DataConfig, model: ModelConfig) -> tuple[ray.data.Dataset, list[str]]:
-    root = Path(cfg.source)
+def image_files(root: Path, limit: int = 0) -> list[Path]:
+    """The image folder's files in sorted order, the first ``limit`` of them if > 0. Paths with a part
+    starting with "." or "_" are skipped, as Ray's file listing skips such names; any other file that is
+    no image is an error, so a stray file is never read as data nor silently left out."""
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+    allowed = f"allowed: {', '.join(IMAGE_EXTENSIONS)} files, flat or one sub-folder per class"
+    other = next((p for p in files if p.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS), None)
+    if other is not None:
+        raise PreprocessError(f"image folder {root} holds {str(other.relative_to(root))!r}, which is not an "
+                              f"image file; {allowed}")
+    if not files:
+        raise PreprocessError(f"image folder {root} holds no image files; {allowed}")
+    return files[:limit] if limit else files
+
+
+def _path_keys(root: Path, files: list[Path]) -> np.ndarray:
+    """A row's stable id in an image folder: a hash of its path inside the folder."""
+    return np.array([zlib.crc32(str(f.relative_to(root)).encode()) for f in files], np.int64)
+
+
+def _read_images(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
+    root = Path(cfg.source).resolve()  # Ray reports the paths it read as absolute ones
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    ds = ray.data.read_images(str(root), include_paths=True, mode="L" if model.channels == 1 else "RGB",
-                              file_extensions=list(IMAGE_EXTENSIONS))
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
+    # Raw bytes, decoded in transform_batch: a corrupt file then fails there with its name, not in Ray's reader.
+    ds = ray.data.read_binary_files([str(f) for f in image_files(root, cfg.limit)], include_paths=True)
     return ds.map_batches(_label_from_path, batch_format="numpy",
                           fn_kwargs={"root": str(root), "classes": classes}), classes
 
 
 def _label_from_path(batch: dict[str, np.ndarray], root: str, classes: list[str]) -> dict[str, Any]:
-    rel = [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in batch["path"]]
+    files = [Path(p) for p in batch["path"]]
     index = {name: i for i, name in enumerate(classes)}
-    labels = np.array([index.get(Path(r).parts[0], -1) if len(Path(r).parts) > 1 else -1 for r in rel], np.int64)
-    keys = np.array([zlib.crc32(r.encode()) for r in rel], np.int64)
-    return {"image": list(batch["image"]), "label": labels, "key": keys, "source_path": np.array(rel)}
+    rel = [f.relative_to(root) for f in files]
+    labels = np.array([index.get(r.parts[0], -1) if len(r.parts) > 1 else -1 for r in rel], np.int64)
+    return {"image": list(batch["bytes"]), "label": labels, "key": _path_keys(Path(root), files),
+            "source_path": np.array([str(f) for f in files])}
+
+
+def parquet_rows(source: str) -> int:
+    """The Parquet source's row count, its schema checked, from the files' footers alone."""
+    path = Path(source)
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    try:
+        schema, rows = pq.read_schema(files[0]), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    except (OSError, pa.ArrowException) as err:
+        raise PreprocessError(f"Parquet source {source} cannot be read: {err}") from err
+    image, label = (schema.field(name).type if name in schema.names else None for name in ("image", "label"))
+    image_ok = image is not None and (isinstance(image, pa.ExtensionType) or pa.types.is_binary(image)
+                                      or pa.types.is_large_binary(image) or pa.types.is_list(image)
+                                      or pa.types.is_large_list(image) or pa.types.is_fixed_size_list(image))
+    if not image_ok or not (label is None or pa.types.is_integer(label)):
+        columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
+        raise PreprocessError(f"Parquet source {source} has columns ({columns}); allowed: an 'image' column of "
+                              "encoded PNG/JPEG bytes or uint8 arrays, and optionally an integer 'label' column")
+    if rows == 0:
+        raise PreprocessError(f"Parquet source {source} holds no rows; allowed: at least one image per split")
+    return rows
 
 
 def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
+    parquet_rows(cfg.source)
     ds = ray.data.read_parquet(cfg.source)
-    columns = ds.columns()
-    if "image" not in columns:
-        raise PreprocessError(f"Parquet source {cfg.source} has columns {columns}; it needs an 'image' column "
-                              "(encoded PNG/JPEG bytes or uint8 arrays) and optionally 'label'")
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds, []
@@ -121,30 +209,35 @@ def _decode(value: Any, where: str) -> np.ndarray:
             with Image.open(io.BytesIO(value)) as img:
                 return np.asarray(img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode))
         except (UnidentifiedImageError, OSError) as err:
-            raise PreprocessError(f"{where}: image bytes could not be decoded ({err})") from err
+            raise PreprocessError(f"{where}: not a decodable image ({err}); allowed: "
+                                  f"{', '.join(IMAGE_EXTENSIONS)} image data") from err
     return np.asarray(value)
 
 
-def _to_uint8(images: np.ndarray, where: str) -> np.ndarray:
+def _to_uint8(images: np.ndarray, places: list[str]) -> np.ndarray:
     """uint8 pixels; float sources in [0, 1] or [0, 255] are scaled, NaN/inf rejected."""
     if images.dtype == np.uint8:
         return images
     as_float = images.astype(np.float64)
-    if not np.isfinite(as_float).all():
-        raise PreprocessError(f"{where}: image has NaN or infinite pixel values")
+    finite = np.isfinite(as_float).reshape(len(as_float), -1).all(axis=1)
+    if not finite.all():
+        raise PreprocessError(f"{places[int(np.argmin(finite))]}: image has NaN or infinite pixel values; allowed: "
+                              "finite pixels, uint8 0..255 or floats in [0, 1] or [0, 255]")
     scale = 255.0 if as_float.max(initial=0) <= 1.0 else 1.0
     return np.clip(np.rint(as_float * scale), 0, 255).astype(np.uint8)
 
 
-def _to_nchw(images: np.ndarray, where: str) -> torch.Tensor:
-    """A stack of images (B, H, W), (B, H, W, C) or (B, C, H, W) as uint8 (B, C, H, W)."""
+def _to_nchw(images: np.ndarray, places: list[str]) -> torch.Tensor:
+    """A stack of images (B, H, W), (B, H, W, C) or (B, C, H, W) as uint8 (B, C, H, W); ``places`` name
+    the rows in messages."""
     if images.ndim == 3:
         images = images[:, None]  # (B, 1, H, W)
     elif images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3, 4):
         images = images.transpose(0, 3, 1, 2)[:, :3]  # HWC -> CHW, alpha dropped
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise PreprocessError(f"{where}: images of shape {images.shape[1:]} are not 1- or 3-channel images")
-    return torch.from_numpy(np.array(_to_uint8(images, where), copy=True))  # Arrow buffers are read-only
+        raise PreprocessError(f"{places[0]}: image of shape {images.shape[1:]}; allowed: (H, W), (H, W, C) or "
+                              "(C, H, W) with 1 or 3 channels (or 4, alpha dropped)")
+    return torch.from_numpy(np.array(_to_uint8(images, places), copy=True))  # Arrow buffers are read-only
 
 
 def _split_of(keys: np.ndarray, is_test: np.ndarray | None, cfg: DataConfig) -> np.ndarray:
@@ -155,14 +248,23 @@ def _split_of(keys: np.ndarray, is_test: np.ndarray | None, cfg: DataConfig) -> 
     return np.where(u < cfg.test_fraction, "test", np.where(u < cfg.test_fraction + cfg.val_fraction, "val", "train"))
 
 
-def _images_of(batch: dict[str, Any], size: int, channels: int) -> torch.Tensor:
+def _places(batch: dict[str, Any], source: str) -> list[str]:
+    """How messages name each row: its file for an image folder, else the source and the row's key."""
+    if "source_path" in batch:
+        return [str(path) for path in batch["source_path"]]
+    if "key" in batch:
+        return [f"{source} (row key {key})" for key in batch["key"]]
+    return [source] * len(batch["image"])
+
+
+def _images_of(batch: dict[str, Any], size: int, channels: int, source: str) -> torch.Tensor:
     """The batch's images as uint8 (B, C, size, size): one tensor op for uniform arrays, per row otherwise."""
     column = batch["image"]
-    names = batch.get("source_path", batch.get("key", np.arange(len(column))))
+    places = _places(batch, source)
     if isinstance(column, np.ndarray) and column.dtype != object:
-        groups = [_to_nchw(column, f"rows {names[0]}..{names[-1]}")]
+        groups = [_to_nchw(column, places)]
     else:  # encoded bytes or arrays of differing sizes
-        groups = [_to_nchw(_decode(value, f"row {name}")[None], f"row {name}") for value, name in zip(column, names)]
+        groups = [_to_nchw(_decode(value, place)[None], [place]) for value, place in zip(column, places)]
     out = [vdata.resize_images(vdata.match_channels(g, channels).float(), size).round().clamp(0, 255).to(torch.uint8)
            for g in groups]
     return torch.cat(out) if out else torch.zeros((0, channels, size, size), dtype=torch.uint8)
@@ -170,7 +272,7 @@ def _images_of(batch: dict[str, Any], size: int, channels: int) -> torch.Tensor:
 
 def transform_batch(batch: dict[str, np.ndarray], data: dict, model: dict) -> dict[str, np.ndarray]:
     """Decode, convert channels, resize and validate; emits raw (C, H, W) uint8 bytes per row."""
-    images = _images_of(batch, model["image_size"], model["channels"]).numpy()
+    images = _images_of(batch, model["image_size"], model["channels"], data["source"] or "Fashion-MNIST").numpy()
     keys = np.asarray(batch["key"], np.int64) if "key" in batch else \
         np.array([zlib.crc32(img.tobytes()) for img in images], np.int64)  # content hash when the source has no ids
     labels = np.asarray(batch["label"], np.int64) if "label" in batch else np.full(len(images), -1, np.int64)
@@ -183,10 +285,13 @@ def transform_batch(batch: dict[str, np.ndarray], data: dict, model: dict) -> di
 
 def run(cfg: DataConfig, model: ModelConfig, out_dir: Path) -> dict[str, Any]:
     """Write the Parquet shards and manifest into ``out_dir`` (a temporary folder the caller renames)."""
-    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
-    reader = {"idx": lambda: _read_idx(cfg), "images": lambda: _read_images(cfg, model),
+    fmt = source_format(cfg)
+    reader = {"idx": lambda: _read_idx(cfg), "images": lambda: _read_images(cfg),
               "parquet": lambda: _read_parquet(cfg)}[fmt]
     ds, classes = reader()  # [1] read the source as a lazy Ray Dataset
+    # A bad row then fails with its own PreprocessError naming the file: Ray's wrapper exception would keep
+    # only its text once it crosses a process boundary.
+    ds.context.raise_original_map_exception = True
     # Compressed sources can arrive as one block, which would make one task decode and buffer the whole
     # dataset before writing it; bounded blocks keep each task's memory independent of the dataset's size.
     ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)
@@ -218,10 +323,7 @@ def build_manifest(out_dir: Path, fmt: str, cfg: DataConfig, model: ModelConfig,
                 row_hashes += [f"{k}:{zlib.crc32(img.tobytes())}"
                                for k, img in zip(batch.column("key").to_pylist(), images)]
         digests.append(hashlib.sha256("\n".join(sorted(row_hashes)).encode()).hexdigest())
-        if counts[split] == 0:
-            raise PreprocessError(f"split '{split}' is empty after preprocessing {cfg.source or 'Fashion-MNIST'} "
-                                  f"({sum(counts.values())} rows so far); use more data or larger "
-                                  "data.val_fraction / data.test_fraction")
+    check_no_empty_split(counts, cfg)
     n_pixels = sum(counts.values()) * model.image_size**2
     mean = total / 255.0 / n_pixels
     return {

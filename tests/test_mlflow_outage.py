@@ -43,10 +43,10 @@ def server(tmp_path_factory):
     server.stop()
 
 
-def start_run(run_dir: Path, uri: str, epochs: int) -> subprocess.Popen:
+def start_run(run_dir: Path, uri: str, epochs: int, model_name: str) -> subprocess.Popen:
     command = [str(BIN / "vaegan"), "run", "--config", SMOKE, "--run-dir", str(run_dir),
                "--set", "tune.enabled=false", "--set", "eval.baseline_vae=false", "--set", f"train.epochs={epochs}",
-               "--set", "register.experiment=outage", "--set", "register.model_name=vaegan-outage"]
+               "--set", "register.experiment=outage", "--set", f"register.model_name={model_name}"]
     log = open(run_dir.parent / f"{run_dir.name}-{time.time_ns()}.log", "w+")
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
@@ -81,7 +81,7 @@ def test_a_server_down_at_the_start_fails_before_any_compute(tmp_path):
 
 
 def test_a_server_that_comes_back_gets_the_buffered_figures(server, tmp_path):
-    run = start_run(tmp_path / "run", server.uri, epochs=6)
+    run = start_run(tmp_path / "run", server.uri, epochs=6, model_name="vaegan-outage-back")
     wait_for_line(run, "[train] epoch 1")
     server.stop()
     wait_for_line(run, "is not answering")
@@ -91,14 +91,13 @@ def test_a_server_that_comes_back_gets_the_buffered_figures(server, tmp_path):
     client = MlflowClient(server.uri)
     (train,) = train_runs(server.uri)
     assert sorted(m.step for m in client.get_metric_history(train.info.run_id, "val/fid")) == [1, 2, 3, 4, 5, 6]
-    assert client.get_model_version_by_alias("vaegan-outage", "champion") is not None
+    assert client.get_model_version_by_alias("vaegan-outage-back", "champion") is not None
 
 
 def test_a_server_down_until_training_ends_fails_clearly_and_the_rerun_resumes(server, tmp_path):
     run_dir = tmp_path / "run"
     client = MlflowClient(server.uri)
-    versions_before = len(client.search_model_versions("name='vaegan-outage'"))
-    run = start_run(run_dir, server.uri, epochs=2)
+    run = start_run(run_dir, server.uri, epochs=2, model_name="vaegan-outage-rerun")
     wait_for_line(run, "[train] epoch 1")
     server.stop()
     assert run.wait(timeout=600) == 2, output(run)[-4000:]
@@ -108,13 +107,13 @@ def test_a_server_down_until_training_ends_fails_clearly_and_the_rerun_resumes(s
     assert not list(run_dir.glob("train-*")), "the train step is not published without its MLflow record"
 
     server.start()
-    assert len(client.search_model_versions("name='vaegan-outage'")) == versions_before, "nothing was registered"
-    rerun = start_run(run_dir, server.uri, epochs=2)
+    assert not client.search_model_versions("name='vaegan-outage-rerun'"), "nothing was registered"
+    rerun = start_run(run_dir, server.uri, epochs=2, model_name="vaegan-outage-rerun")
     assert rerun.wait(timeout=600) == 0, output(rerun)[-4000:]
     assert "[train] resumed from epoch 2" in output(rerun), "the rerun trains nothing again"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"]["preprocess"]["status"] == "cached"
     newest = max(train_runs(server.uri), key=lambda r: r.info.start_time)
     assert [m.step for m in client.get_metric_history(newest.info.run_id, "val/fid")] == [1, 2]
-    version = client.get_model_version_by_alias("vaegan-outage", "champion")
+    version = client.get_model_version_by_alias("vaegan-outage-rerun", "champion")
     assert int(version.version) == summary["model_version"]

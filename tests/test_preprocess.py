@@ -1,4 +1,5 @@
 """The Ray Data preprocess step on each kind of source, on a real local Ray."""
+import dataclasses
 import io
 import json
 
@@ -58,10 +59,14 @@ def test_parquet_of_encoded_images_to_grey_28px_is_deterministic(tmp_path):
     assert 0 < first["channel_mean"][0] < 1 and first["channel_std"][0] > 0
 
 
-def test_parquet_without_an_image_column_names_its_columns(tmp_path):
-    pq.write_table(pa.table({"pixels": [b"x"], "label": [0]}), tmp_path / "bad.parquet")
-    with pytest.raises(preprocess.PreprocessError, match=r"has columns \['pixels', 'label'\]; it needs an 'image'"):
-        preprocess.run(DataConfig(source=str(tmp_path / "bad.parquet")), ModelConfig(), tmp_path / "out")
+def test_nan_pixels_name_the_row():
+    images = np.zeros((3, 28, 28), np.float32)
+    images[1, 5, 5] = np.inf
+    batch = {"image": images, "key": np.array([10, 11, 12])}
+    with pytest.raises(preprocess.PreprocessError, match=r"^src\.parquet \(row key 11\): image has NaN or infinite "
+                       r"pixel values; allowed: finite pixels"):
+        preprocess.transform_batch(batch, dataclasses.asdict(DataConfig(source="src.parquet")),
+                                   {"image_size": 28, "channels": 1})
 
 
 def test_an_empty_split_is_a_clear_error(tmp_path):

@@ -176,14 +176,40 @@ def _check_header(path: Path, shown: Path, magic: int, what: str) -> int:
     return dims[0]
 
 
-def _read(path: Path, cache_dir: Path | None, scratch: Path, magic: int, what: str) -> torch.Tensor:
-    raw = _decompressed(path, cache_dir, scratch)
-    _check_header(raw, path, magic, what)
+def _read(shown: Path, raw: Path, what: str) -> torch.Tensor:
     reader = read_image_file if what == "images" else read_label_file
     try:
         return reader(str(raw))
     except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a valid IDX {what} file ({type(exc).__name__}: {exc})") from exc
+        raise DatasetError(f"{shown}: not a valid IDX {what} file ({type(exc).__name__}: {exc})") from exc
+
+
+def _checked_split(idx_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None,
+                   scratch: Path) -> tuple[list[tuple[Path, Path]], int]:
+    """One split's images and labels files, each as (the file named, its uncompressed copy), and the
+    item count; each header and length checked, and the two counts against each other."""
+    if split not in IDX_FILES:
+        raise ValueError(f"split must be one of {sorted(IDX_FILES)}, got {split!r}")
+    idx_dir = Path(idx_dir).expanduser()
+    cache = None if cache_dir is None else Path(cache_dir).expanduser()
+    files, counts = [], []
+    for name, magic, what in zip(IDX_FILES[split], (_IMAGE_MAGIC, _LABEL_MAGIC), ("images", "labels")):
+        path = _idx_file(idx_dir, name)
+        if path is None:
+            raise DatasetNotFoundError(f"missing IDX file {idx_dir / name} (nor {name}.gz). {_HOW_TO_GET}")
+        files.append((path, _decompressed(path, cache, scratch)))
+        counts.append(_check_header(files[-1][1], path, magic, what))
+    if counts[0] != counts[1]:
+        raise DatasetError(f"{files[0][0]} has {counts[0]} images but {files[1][0]} has {counts[1]} labels; "
+                           "allowed: one label per image")
+    return files, counts[0]
+
+
+def check_idx(idx_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> int:
+    """The number of images in one split of an IDX dataset, from the headers alone; raises what
+    :func:`load_idx` would for a missing, truncated or corrupt file, without parsing the pixels."""
+    with tempfile.TemporaryDirectory(prefix="vaegan-idx-") as scratch:
+        return _checked_split(idx_dir, split, cache_dir, Path(scratch))[1]
 
 
 def load_idx(
@@ -198,23 +224,10 @@ def load_idx(
     :class:`DatasetNotFoundError` for a missing file and :class:`DatasetError` for a truncated
     or corrupt file, a wrong magic number or mismatched image/label counts - each naming the file.
     """
-    if split not in IDX_FILES:
-        raise ValueError(f"split must be one of {sorted(IDX_FILES)}, got {split!r}")
-    idx_dir = Path(idx_dir).expanduser()
-    paths = []
-    for name in IDX_FILES[split]:
-        path = _idx_file(idx_dir, name)
-        if path is None:
-            raise DatasetNotFoundError(f"missing IDX file {idx_dir / name} (nor {name}.gz). {_HOW_TO_GET}")
-        paths.append(path)
-    image_path, label_path = paths
     with tempfile.TemporaryDirectory(prefix="vaegan-idx-") as scratch:
-        cache = None if cache_dir is None else Path(cache_dir).expanduser()
-        images = _read(image_path, cache, Path(scratch), _IMAGE_MAGIC, "images")
-        labels = _read(label_path, cache, Path(scratch), _LABEL_MAGIC, "labels")
-    if images.shape[0] != labels.shape[0]:
-        raise DatasetError(
-            f"{image_path} has {images.shape[0]} images but {label_path} has {labels.shape[0]} labels")
+        (image_file, label_file), _ = _checked_split(idx_dir, split, cache_dir, Path(scratch))
+        images = _read(*image_file, "images")
+        labels = _read(*label_file, "labels")
     return images.unsqueeze(1), labels
 
 

@@ -1,0 +1,335 @@
+"""Bad input, one row each, through the real `vaegan` CLI: exit code 2, one `error:` line naming the file, key
+or value and what is allowed, no traceback, and nothing already written changed (the row's earlier run folder,
+the input files, the model registry). All rows but one end in the driver's checks before Ray starts; a corrupt
+image in an image folder is found only when Ray Data decodes it.
+
+Mixed image sizes and channel counts in an image folder are no error (preprocess resizes and converts them,
+see test_preprocess.py); mixing is an error where an input must match the model: a Parquet split holding an
+image of another size, a .npy array with a channel count other than 1 or 3.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import BIN, REPO, run_cli
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines import registry, tracking
+from pipelines.config import RegisterConfig
+from vaegan.checkpoint import save_checkpoint
+from vaegan.config import VAEGANConfig
+from vaegan.data import IDX_FILES, make_shapes
+from vaegan.nets import build_nets
+from vaegan.step import VAEGANTrainer
+
+SMOKE = "pipelines/configs/smoke.yaml"
+MODEL, OTHER_FLAVOUR = "vaegan-bad-input", "vaegan-bad-input-echo"
+CHAMPION = f"models:/{MODEL}@champion"
+IMAGE_TYPES = "png, jpg, jpeg, bmp, gif, tif, tiff files, flat or one sub-folder per class"
+NPY_VALUES = "allowed: uint8 0..255 or finite floats in [0, 1]"
+ECHO_MODEL = """
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Echo(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+mlflow.models.set_model(Echo())
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]  # {inputs}, {run}, {out}, {too_many_cpus}, {gpu_workers} filled in, here and in expect
+    expect: tuple[str, ...]  # each is in the error line
+    ray: bool = False  # decoding the source needs Ray Data
+    read_only_run: bool = False  # the row's earlier run folder is made read-only
+
+
+def run(*overrides: str) -> tuple[str, ...]:
+    sets = [part for override in ("register.experiment=bad-input", *overrides) for part in ("--set", override)]
+    return ("run", "--config", SMOKE, "--run-dir", "{run}", *sets)
+
+
+def pull(verb: str, *args: str, model: str = CHAMPION) -> tuple[str, ...]:
+    return (verb, "--model", model, *args, "--out", "{out}/result.npy")
+
+
+CASES = [
+    # the config: every key, type and value is checked before anything runs
+    Case("unknown-config-key", run("train.epoch=3"),
+         ("smoke.yaml: unknown config key 'train.epoch'; allowed keys here: epochs, batch_size, seed",)),
+    Case("wrong-type", run("train.epochs=zero"), ("config key 'train.epochs' must be an integer, got 'zero'",)),
+    Case("negative-learning-rate", run("opt_enc.lr=-0.001"),
+         ("config key 'opt_enc.lr' has invalid value -0.001; allowed: a learning rate > 0",)),
+    Case("zero-learning-rate", run("opt_dis.lr=0"),
+         ("config key 'opt_dis.lr' has invalid value 0.0; allowed: a learning rate > 0",)),
+    Case("unsupported-image-size", run("model.image_size=48"),
+         ("config key 'model.image_size' has invalid value 48; allowed: one of [28, 32, 64, 128]",)),
+    Case("unknown-model-kind", run("model.kind=gan"),
+         ("config key 'model.kind' has invalid value 'gan'; allowed: one of ['vaegan', 'vae']",)),
+    Case("grace-period-above-max-epochs", run("tune.grace_period=5"),
+         ("config key 'tune.grace_period' has invalid value 5; allowed: an integer in [1, tune.max_epochs=1]",)),
+    Case("val-fraction-too-large", run("data.val_fraction=0.7"),
+         ("config key 'data.val_fraction' has invalid value 0.7; allowed: a fraction in (0, 0.5)",)),
+    Case("zero-cpus-per-worker", run("train.cpus_per_worker=0"),
+         ("config key 'train.cpus_per_worker' has invalid value 0; allowed: a positive integer",)),
+    Case("missing-config-file", ("run", "--config", "pipelines/configs/nope.yaml", "--run-dir", "{run}"),
+         ("config file pipelines/configs/nope.yaml does not exist (configs shipped: cluster.yaml, default.yaml, "
+          "smoke.yaml)",)),
+    Case("missing-data-source", run("data.source={inputs}/nowhere"),
+         ("config key 'data.source' points to '{inputs}/nowhere', which does not exist; allowed: an IDX folder, "
+          "an image folder, a Parquet file or folder",)),
+    # the data: checked from headers, names and footers on the driver, before Ray starts
+    Case("idx-file-missing", run("data.source={inputs}/idx-missing"),
+         ("IDX source directory {inputs}/idx-missing lacks t10k-labels-idx1-ubyte (nor .gz)",
+          "pass a folder holding the four IDX files")),
+    Case("idx-file-truncated", run("data.source={inputs}/idx-truncated"),
+         ("{inputs}/idx-truncated/train-images-idx3-ubyte: truncated: header says shape (70, 28, 28) = 54896 bytes, "
+          "file has 27448 bytes",)),
+    Case("idx-wrong-magic", run("data.source={inputs}/idx-wrong-magic"),
+         ("{inputs}/idx-wrong-magic/train-images-idx3-ubyte: wrong magic number 0x00000801, expected 0x00000803 "
+          "for an IDX images file",)),
+    Case("non-image-file-in-image-folder", run("data.source={inputs}/images-stray"),
+         (f"image folder {{inputs}}/images-stray holds 'notes.txt', which is not an image file; "
+          f"allowed: {IMAGE_TYPES}",)),
+    Case("empty-dataset", run("data.source={inputs}/images-empty"),
+         (f"image folder {{inputs}}/images-empty holds no image files; allowed: {IMAGE_TYPES}",)),
+    Case("parquet-wrong-schema", run("data.source={inputs}/wrong-schema.parquet"),
+         ("Parquet source {inputs}/wrong-schema.parquet has columns (pixels: binary, label: string); allowed: an "
+          "'image' column of encoded PNG/JPEG bytes or uint8 arrays, and optionally an integer 'label' column",)),
+    Case("split-left-empty", run("data.limit=14", "data.val_fraction=0.01"),
+         ("split 'val' is empty after preprocessing Fashion-MNIST (14 rows in all, data.limit=14); allowed: more data "
+          "(data.limit) or larger data.val_fraction / data.test_fraction",)),
+    Case("batch-larger-than-data", run("train.batch_size=2048"),
+         ("config key 'train.batch_size' has invalid value 2048; allowed: at most 1061 (1061 training images of "
+          "Fashion-MNIST with data.limit=1400, shared by train.num_workers=1)",)),
+    # the cluster: a local Ray cannot grow, so what it lacks would be waited for forever
+    Case("more-cpus-than-the-machine-has", run("train.cpus_per_worker={too_many_cpus}"),
+         ("config keys 'train.num_workers' x 'train.cpus_per_worker' = 1 x {too_many_cpus} = {too_many_cpus} CPUs, "
+          "but this machine's Ray has",
+          "allowed: at most that many (or set RAY_ADDRESS to a bigger cluster)")),
+    Case("more-gpus-than-the-machine-has", run("train.use_gpu=true", "train.num_workers={gpu_workers}"),
+         ("config key 'train.num_workers' = {gpu_workers} GPU workers (train.use_gpu), but this machine's Ray has",
+          "allowed: at most that many, or train.use_gpu=false")),
+    Case("run-folder-not-writable", run(),
+         ("run folder '{run}' (--run-dir) cannot be written: '{run}' is not writable; allowed: a folder this user "
+          "can write",), read_only_run=True),
+    # decoding the source: only Ray Data's tasks find it, and the message still names the file
+    Case("corrupt-image-in-image-folder", run("data.source={inputs}/images-corrupt", "train.batch_size=4"),
+         ("{inputs}/images-corrupt/broken.png: not a decodable image (cannot identify image file",
+          "allowed: png, jpg, jpeg, bmp, gif, tif, tiff image data"), ray=True),
+    # the registry
+    Case("unknown-model-name", pull("sample", model="models:/no-such-model@champion"),
+         ("Registered Model with name=no-such-model not found; allowed: a registered model name, one of [",
+          f"'{MODEL}'")),
+    Case("unknown-alias", pull("sample", model=f"models:/{MODEL}@no-such-alias"),
+         (f"alias no-such-alias not found; allowed: models:/{MODEL}@ALIAS with ALIAS in ['champion'], or "
+          f"models:/{MODEL}/VERSION with VERSION in [1]",)),
+    Case("model-of-another-flavour", pull("sample", model=f"models:/{OTHER_FLAVOUR}/1"),
+         (f"model 'models:/{OTHER_FLAVOUR}/1' is not a vaegan model (flavours: python_function); allowed: a model "
+          "registered by `vaegan run`",)),
+    # what the pull verbs are asked for
+    Case("num-samples-zero", pull("sample", "--num", "0"),
+         ("vaegan sample: argument --num: invalid value '0'; allowed: an integer >= 1",)),
+    Case("num-samples-above-cap", pull("sample", "--num", "5000"),
+         ("params.num_samples=5000 is outside the allowed range 1..1024",)),
+    Case("wrong-input-shape", pull("encode", "--input", "{inputs}/five-dims.npy"),
+         ("{inputs}/five-dims.npy has shape (1, 1, 1, 28, 28); allowed: (H, W), (N, H, W) or (N, C, H, W)",)),
+    Case("wrong-input-dtype", pull("encode", "--input", "{inputs}/int64.npy"),
+         (f"{{inputs}}/int64.npy holds int64 values; {NPY_VALUES}",)),
+    Case("nan-pixels-to-reconstruct", pull("reconstruct", "--input", "{inputs}/nan.npy"),
+         (f"{{inputs}}/nan.npy holds NaN or infinite values; {NPY_VALUES}",)),
+    Case("mixed-channels-in-npy", pull("encode", "--input", "{inputs}/four-channels.npy"),
+         ("{inputs}/four-channels.npy has shape (2, 4, 28, 28), 4 channels; allowed: (N, C, H, W) with C = 1 or 3",)),
+    Case("mixed-sizes-in-parquet-split", pull("encode", "--input", "{inputs}/mixed-sizes.parquet"),
+         ("{inputs}/mixed-sizes.parquet row 1 holds an image of 3072 bytes; allowed: 784 bytes, one (1, 28, 28) "
+          "uint8 image as the pipeline writes for this model",)),
+]
+
+
+# -- the inputs ------------------------------------------------------------------------------------
+
+
+def write_idx(folder: Path, train: int = 70, test: int = 12) -> None:
+    """A small, valid, uncompressed IDX dataset of 28 x 28 images."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        images, labels = IDX_FILES[split]
+        (folder / images).write_bytes(b"\x00\x00\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()
+                                      + rng.integers(0, 256, n * 28 * 28, np.uint8).tobytes())
+        (folder / labels).write_bytes(b"\x00\x00\x08\x01" + np.array([n], ">u4").tobytes()
+                                      + rng.integers(0, 10, n, np.uint8).tobytes())
+
+
+def write_pngs(folder: Path, n: int) -> None:
+    folder.mkdir()
+    for i, image in enumerate(make_shapes(n, 28, channels=1)[0][:, 0].numpy()):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+
+
+def write_bad_sources(root: Path) -> None:
+    """IDX folders, image folders and Parquet files as a user might pass them to `vaegan run`."""
+    for name in ("idx-missing", "idx-truncated", "idx-wrong-magic"):
+        write_idx(root / name)
+    (root / "idx-missing" / IDX_FILES["test"][1]).unlink()
+    images = root / "idx-truncated" / IDX_FILES["train"][0]
+    images.write_bytes(images.read_bytes()[:27448])
+    (root / "idx-wrong-magic" / IDX_FILES["train"][0]).write_bytes(
+        (root / "idx-wrong-magic" / IDX_FILES["train"][1]).read_bytes())
+    write_pngs(root / "images-stray", 3)
+    (root / "images-stray" / "notes.txt").write_text("where these images came from\n")
+    (root / "images-empty").mkdir()
+    write_pngs(root / "images-corrupt", 40)
+    (root / "images-corrupt" / "broken.png").write_text("a download that failed half-way")
+    pq.write_table(pa.table({"pixels": [b"\x00" * 784], "label": ["shirt"]}), root / "wrong-schema.parquet")
+
+
+def write_bad_pull_inputs(root: Path) -> None:
+    """Inputs for encode / reconstruct / interpolate that the model cannot take."""
+    np.save(root / "five-dims.npy", np.zeros((1, 1, 1, 28, 28), np.float32))
+    np.save(root / "int64.npy", np.zeros((2, 1, 28, 28), np.int64))
+    nan = np.zeros((2, 1, 28, 28), np.float32)
+    nan[1, 0, 5, 5] = np.nan
+    np.save(root / "nan.npy", nan)
+    np.save(root / "four-channels.npy", np.zeros((2, 4, 28, 28), np.uint8))
+    pq.write_table(pa.table({"image": [b"\x00" * 784, b"\x00" * 3072]}), root / "mixed-sizes.parquet")
+
+
+def write_earlier_run(run_dir: Path) -> None:
+    """What a finished run leaves: a failed rerun into the same folder must not touch any of it."""
+    step = run_dir / "preprocess-0123456789ab"
+    step.mkdir(parents=True)
+    (step / "outputs.json").write_text('{"manifest": {"counts": {"train": 1061, "val": 139, "test": 200}}}')
+    (run_dir / "summary.json").write_text(f'{{"model_uri": "{CHAMPION}"}}')
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """Every file's and folder's path, mode and content hash under ``root``."""
+    return {str(p.relative_to(root)): f"{p.stat().st_mode:o}:" + (hashlib.sha256(p.read_bytes()).hexdigest()
+                                                                  if p.is_file() else "folder")
+            for p in sorted([root, *root.rglob("*")])}
+
+
+def registry_state(uri: str) -> dict[str, tuple]:
+    client = MlflowClient(uri)
+    return {m.name: (sorted(m.aliases.items()),
+                     sorted(v.version for v in client.search_model_versions(f"name = '{m.name}'")))
+            for m in client.search_registered_models()}
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tmp_path_factory):
+    """A tiny untrained vaegan model as models:/vaegan-bad-input@champion, and a pyfunc of another kind."""
+    folder = tmp_path_factory.mktemp("models")
+    cfg = VAEGANConfig()
+    cfg.model.latent_dim, cfg.model.base_channels = 4, 4
+    checkpoint = save_checkpoint(folder / "checkpoint.pt", VAEGANTrainer(cfg, *build_nets(cfg.model)))
+    register = RegisterConfig(model_name=MODEL, alias="champion", experiment="bad-input")
+    experiment = tracking.ensure_experiment(mlflow_server, register.experiment, folder)
+    registry.register(register, mlflow_server, run_id=tracking.start_run(mlflow_server, experiment, "bad-input"),
+                      checkpoint=checkpoint, metrics={"fid": 1.0}, feature_net="none", fingerprint="none",
+                      image_shape=[1, 28, 28])
+    (folder / "echo.py").write_text(ECHO_MODEL)
+    mlflow.set_tracking_uri(mlflow_server)
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(folder / "echo.py"))
+    mlflow.register_model(info.model_uri, OTHER_FLAVOUR)
+    return mlflow_server
+
+
+# -- running the rows ------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    done: subprocess.CompletedProcess
+    fields: dict[str, str]  # what filled the row's {placeholders}
+    run_before: dict[str, str]
+    run_after: dict[str, str]
+
+
+@dataclass
+class Outcomes:
+    rows: dict[str, Outcome]
+    shared_before: tuple
+    shared_after: tuple
+
+
+def vaegan(args: list[str], env: dict[str, str], as_user: bool) -> subprocess.CompletedProcess:
+    if as_user and os.geteuid() == 0:
+        # Root writes through permission bits; without these two capabilities it meets them as any user does.
+        return subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", str(BIN / "vaegan"),
+                               *args], cwd=REPO, capture_output=True, text=True, env={**os.environ, **env},
+                              timeout=300, check=False)
+    return run_cli(*args, env=env, timeout=300)
+
+
+def run_row(case: Case, folder: Path, fields: dict[str, str], env: dict[str, str]) -> Outcome:
+    write_earlier_run(folder / "run")
+    if case.read_only_run:
+        (folder / "run").chmod(0o555)
+    fields = {**fields, "run": str(folder / "run"), "out": str(folder / "out")}
+    before = fingerprint(folder)
+    done = vaegan([arg.format(**fields) for arg in case.args], env, case.read_only_run)
+    return Outcome(done, fields, before, fingerprint(folder))
+
+
+@pytest.fixture(scope="module")
+def outcomes(registered, tmp_path_factory) -> Outcomes:
+    """Every row's CLI run. Each start costs seconds of imports, so the rows run as many at a time as there are
+    cores (only one row starts a Ray); they share only read-only inputs and the registry, fingerprinted before
+    and after them all."""
+    inputs = tmp_path_factory.mktemp("inputs")
+    write_bad_sources(inputs)
+    write_bad_pull_inputs(inputs)
+    fields = {"inputs": str(inputs), "too_many_cpus": str(os.cpu_count() + 1),
+              "gpu_workers": str(torch.cuda.device_count() + 1)}
+    env = {"MLFLOW_TRACKING_URI": registered}
+    shared_before = fingerprint(inputs), registry_state(registered)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        futures = {case.id: pool.submit(run_row, case, tmp_path_factory.mktemp(case.id), fields, env)
+                   for case in sorted(CASES, key=lambda c: not c.ray)}  # the slow Ray row first
+        rows = {name: future.result() for name, future in futures.items()}
+    return Outcomes(rows, shared_before, (fingerprint(inputs), registry_state(registered)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_bad_input_is_one_clear_line_and_changes_nothing(case, outcomes):
+    outcome = outcomes.rows[case.id]
+    done = outcome.done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    # Where a row starts Ray, Ray's log lines come too, some after the error; elsewhere the error is all there is.
+    assert len(errors) == 1 and (case.ray or errors == lines), done.stderr[-3000:]
+    for text in case.expect:
+        assert text.format(**outcome.fields) in errors[0]
+    assert outcome.run_after == outcome.run_before, "the earlier run folder changed"
+    assert outcomes.shared_after == outcomes.shared_before, "an input file or the registry changed"
+
+
+@pytest.mark.parametrize("args", [("--debug", "run"), ("run", "--debug")], ids=["before-the-verb", "after-it"])
+def test_debug_shows_the_traceback_of_a_user_error(args):
+    done = run_cli(*args, "--config", SMOKE, "--set", "train.epoch=3", "--dry-run")
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "vaegan.config.ConfigError: pipelines/configs/smoke.yaml: unknown config key 'train.epoch'" in done.stderr
