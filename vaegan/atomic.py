@@ -11,24 +11,26 @@ from typing import IO, Any, Iterator
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Yield a temporary file beside ``path``; on success it is flushed to disk and renamed over ``path``,
-    on error it is removed and ``path`` is left as it was."""
+def atomic_file(path: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """Yield a temporary file beside ``path``; on success it is renamed over ``path`` (flushed to disk first
+    when ``durable``), on error it is removed and ``path`` is left as it was. The rename alone already keeps
+    a killed process from leaving half a file; ``durable`` also survives a machine crash, at an fsync's cost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    with atomic_file(path, "w") as f:
+def write_json(path: str | Path, data: Any, durable: bool = True) -> Path:
+    with atomic_file(path, "w", durable) as f:
         json.dump(data, f, indent=2)
     return Path(path)
