@@ -152,21 +152,3 @@ def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, mlflow_server):
     assert result["model_version"] == summary["model_version"] + 1
     assert result["alias_moved"] is False
     assert result["model_uri"] == f"models:/vaegan-smoke/{result['model_version']}"
-
-
-def test_two_workers_train_with_ddp_over_gloo(mlflow_server, tmp_path):
-    """Two Ray Train workers (each network in its own DDP, gloo), tune disabled, DAG stopped after train."""
-    done = run_cli("run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(tmp_path),
-                   "--steps", "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "train.num_workers=2",
-                   "--set", "register.experiment=ddp-test", env={"MLFLOW_TRACKING_URI": mlflow_server})
-    assert done.returncode == 0, done.stderr[-4000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["steps"]) == ["preprocess", "tune", "train"] and summary["model_uri"] is None
-    train_dir = tmp_path / f"train-{summary['steps']['train']['key']}"
-    history = json.loads((train_dir / "history.json").read_text())
-    assert len(history) == 1 and history[0]["guard/nonfinite_skipped"] == 0
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("ddp-test")
-    (train_run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name.startswith("train-")]
-    assert len(train_run.data.tags["train.node_ids"].split(",")) == 2  # one entry per DDP rank

@@ -56,7 +56,11 @@ def independent_gradients(cfg, enc, dec, dis, x, noise):
     grads = {}
     for name, loss, module in (("enc", loss_enc, enc), ("dec", loss_dec, dec), ("dis", loss_dis, dis)):
         grads[name] = torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)
-    leaky = torch.autograd.grad(loss_dec + loss_dis, list(dec.parameters()), retain_graph=True, allow_unused=True)
+    # A leaky step: the discriminator's loss on fakes still attached to the decoder, backpropagated with
+    # the decoder's (pytorch/examples dcgan's errG/errD pattern without the detach).
+    attached_fakes = torch.sigmoid(torch.cat([rec_logits, prior_logits]))
+    leaked = sum(losses.discriminator_loss(lc.adversarial, real_logits, dis(attached_fakes)[0]))
+    leaky = torch.autograd.grad(loss_dec + leaked, list(dec.parameters()), retain_graph=True, allow_unused=True)
     return grads, leaky
 
 

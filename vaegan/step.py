@@ -1,19 +1,28 @@
 """One VAE-GAN training step with three optimisers and gradients isolated per network.
 
-Like stylegan2-ada's ``training/loss.py``, every phase makes exactly one network trainable
-(``requires_grad_``), runs its forward pass and calls ``.backward()`` on that network's own loss:
+Every network runs its forward passes once per step, at the batch Larsen et al.'s formulation needs
+(encoder on B, decoder on B reconstructions and B prior samples, discriminator on B real, B
+reconstructed and B prior images), and each loss then runs one backward into its own network's
+parameters alone (``backward(inputs=...)``):
 
     enc <- beta * KL + Dis_l reconstruction (+ pixel)
     dec <- gamma * Dis_l reconstruction + generator GAN loss (+ pixel)
     dis <- discriminator GAN loss (+ R1 / gradient penalty)
 
-All gradients are computed from the same parameters before any optimiser steps (Larsen et al.'s
-simultaneous update), so a test can recompute each network's gradient from its loss alone.
+``inputs=`` is what isolates the gradients: autograd computes only the parts of the backward that
+lead to the named parameters, so the decoder's loss passes through the discriminator as input
+gradients without filling its ``.grad``, and the discriminator's loss never reaches the decoder.
+That is also the step's FLOP floor (docs/benchmarks.md): no backward work a loss does not need.
 A widely used VAE-GAN calls backward on several losses before stepping and so leaks the
-discriminator's loss into the decoder's gradient; toggling ``requires_grad`` makes that impossible.
+discriminator's loss into the decoder's gradient; here that is impossible.
 
-Networks may be wrapped in DistributedDataParallel; ``ddp_sync`` keeps the frozen networks'
-forwards out of DDP's gradient bookkeeping. Nothing here knows about ranks or launchers.
+All gradients come from the same parameters before any optimiser steps (Larsen et al.'s
+simultaneous update), so a test can recompute each network's gradient from its loss alone.
+Networks may be wrapped in DistributedDataParallel: each network's forwards are split so that a
+backward only walks the images its loss depends on, and exactly one forward per network per step
+readies DDP's all-reduce (``ddp_sync``); the others run under ``no_sync``. Autograd sums the
+gradients of all of a network's forwards before it hands them to DDP, so DDP reduces the whole
+gradient, once. Nothing here knows about ranks or launchers.
 
 A step with non-finite gradients is skipped; ``train.max_bad_steps`` of them in a row roll the
 trainer back to the state of the last ``mark_good()`` (the last checkpoint) with every learning
@@ -37,6 +46,16 @@ from .config import OptimConfig, VAEGANConfig
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: non-finite gradients persisted through every allowed rollback."""
+
+
+@dataclass
+class StepLosses:
+    """What a step's forward passes produce: its metrics, each loss with the networks it trains (in the
+    order their backward passes run), and the balance rule's BCE of the discriminator (real, fake)."""
+
+    metrics: dict[str, torch.Tensor]
+    backward_plan: list[tuple[torch.Tensor, list[nn.Module]]]
+    balance_bce: torch.Tensor | None = None  # (2,); None for the plain VAE
 
 
 @dataclass
@@ -97,8 +116,11 @@ def cpu_copy(value: Any) -> Any:
 
 
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # fused: one kernel over all of a network's parameters (CPU and CUDA) instead of a loop over tensors;
+    # a decoder Adam step takes a quarter of the time and the train step gains about 3% on the 2-core CPU
+    # (benchmarks/results/step_options.json); more on a GPU, where each tensor would be a kernel launch.
     return torch.optim.Adam(unwrap(module).parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=True)
 
 
 class VAEGANTrainer:
@@ -121,6 +143,8 @@ class VAEGANTrainer:
         self.executed_steps = 0  # train_step calls so far; never goes back
         self.bad_steps = 0  # consecutive non-finite steps
         self.counters = {"nonfinite_skipped": 0, "dis_skipped": 0, "dec_skipped": 0, "rollbacks": 0}
+        # Each network's parameters, listed once: the ``inputs=`` of its loss's backward.
+        self._parameters = {id(m): list(unwrap(m).parameters()) for m in self._networks()}
         for module in self._networks():
             module.requires_grad_(False)
         self.mark_good()
@@ -151,124 +175,114 @@ class VAEGANTrainer:
         kl_weight = losses.kl_warmup_weight(self.step, self.cfg.loss.kl_warmup_steps, self.cfg.loss.kl_weight)
         autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                                   enabled=self.cfg.train.amp and x.device.type == "cuda")
-        with autocast:
-            if self.dis is None:
-                metrics = self._vae_phase(x, noise, kl_weight)
-                update_dis, update_dec = False, True
-            else:
-                metrics, z, real_feats = self._enc_phase(x, noise, kl_weight)
-                dec_metrics, fakes = self._dec_phase(x, z, real_feats, noise)
-                dis_metrics, real_bce, fake_bce = self._dis_phase(x, fakes, noise)
-                metrics.update(dec_metrics)
-                metrics.update(dis_metrics)
-                update_dis, update_dec = self._balance(real_bce, fake_bce)
+        for module in self._networks():
+            module.requires_grad_(True)
+        try:
+            with autocast:
+                step = (self._vae_losses if self.dis is None else self._vaegan_losses)(x, noise, kl_weight)
+            self._backward_each(step.backward_plan)
+        finally:
+            for module in self._networks():
+                module.requires_grad_(False)
+        update_dis, update_dec = self._balance(step.balance_bce)
+        metrics = step.metrics
         metrics["kl_weight"] = torch.tensor(kl_weight)
         self.executed_steps += 1
         self.step += 1  # before the guard, so that a rollback leaves the snapshot's step in place
         metrics.update(self._guard_and_step(update_dis, update_dec))
-        return {name: value for name, value in zip(metrics, torch.stack([v.detach().float().cpu() for v in metrics.values()]).tolist())}
+        values = torch.stack([v.detach().float().cpu() for v in metrics.values()]).tolist()  # one copy, not one per metric
+        return dict(zip(metrics, values))
 
-    # -- phases ------------------------------------------------------------------------------
+    # -- losses ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _phase(self, trainable: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> Iterator[None]:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        for module in trainable:
-            module.requires_grad_(True)
-        try:
-            with contextlib.ExitStack() as stack:
-                for module in self._networks():
-                    stack.enter_context(ddp_sync(module, sync=module in trainable))
-                yield
-        finally:
-            for module in trainable:
-                module.requires_grad_(False)
+    def _run(self, module: nn.Module, inputs: torch.Tensor, sync: bool):
+        """``module(inputs)``; ``sync`` marks the one forward per step that readies DDP's all-reduce."""
+        with ddp_sync(module, sync):
+            return module(inputs)
 
     def _encode(self, x: torch.Tensor, noise: StepNoise) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.enc(x)  # (B, D) each
+        mu, logvar = self._run(self.enc, x, sync=True)  # (B, D) each
         return mu, logvar, mu + noise.eps * torch.exp(0.5 * logvar)
 
-    def _vae_phase(self, x: torch.Tensor, noise: StepNoise, kl_weight: float) -> dict[str, torch.Tensor]:
+    def _vae_losses(self, x: torch.Tensor, noise: StepNoise, kl_weight: float) -> StepLosses:
         """Plain VAE baseline: enc and dec both trained on the negative ELBO with a Bernoulli decoder."""
-        with self._phase([self.enc, self.dec], [self.opt_enc, self.opt_dec]):
-            mu, logvar, z = self._encode(x, noise)
-            kl = losses.kl_divergence(mu, logvar, self.cfg.loss.free_bits)
-            pixel = losses.pixel_nll(self.dec(z), x)
-            total = kl_weight * kl + pixel
-            self._backward(total)
-        return {"loss/enc/kl": kl, "loss/dec/pixel": pixel, "loss/vae/total": total}
+        mu, logvar, z = self._encode(x, noise)
+        kl = losses.kl_divergence(mu, logvar, self.cfg.loss.free_bits)
+        pixel = losses.pixel_nll(self._run(self.dec, z, sync=True), x)
+        total = kl_weight * kl + pixel
+        metrics = {"loss/enc/kl": kl, "loss/dec/pixel": pixel, "loss/vae/total": total}
+        return StepLosses(metrics, [(total, [self.enc, self.dec])])
 
-    def _enc_phase(self, x: torch.Tensor, noise: StepNoise, kl_weight: float):
-        cfg = self.cfg.loss
-        with self._phase([self.enc], [self.opt_enc]):
-            mu, logvar, z = self._encode(x, noise)
-            with torch.no_grad():
-                _, real_feats = self.dis(x)  # (B, F): a constant target for every network
-            rec_logits = self.dec(z)  # (B, C, H, W)
-            _, rec_feats = self.dis(torch.sigmoid(rec_logits))
-            kl = losses.kl_divergence(mu, logvar, cfg.free_bits)
-            feature = losses.feature_nll(rec_feats, real_feats)
-            pixel = losses.pixel_nll(rec_logits, x)
-            total = losses.encoder_loss(cfg, kl, feature, pixel, kl_weight)
-            self._backward(total)
-        metrics = {"loss/enc/kl": kl, "loss/enc/feature": feature, "loss/enc/pixel": pixel, "loss/enc/total": total}
-        return metrics, z.detach(), real_feats
+    def _vaegan_losses(self, x: torch.Tensor, noise: StepNoise, kl_weight: float) -> StepLosses:
+        """Every forward of the step, each network's loss, and which network each loss trains.
 
-    def _dec_phase(self, x: torch.Tensor, z: torch.Tensor, real_feats: torch.Tensor, noise: StepNoise):
+        Reconstructions and prior samples go through the decoder and the discriminator as separate
+        batches: the encoder's loss depends on the reconstructions alone, so its backward then walks
+        B images instead of 2B (3B in the discriminator).
+        """
         cfg = self.cfg.loss
         batch = x.shape[0]
-        with self._phase([self.dec], [self.opt_dec]):
-            logits_all = self.dec(torch.cat([z, noise.z_prior]))  # (2B, C, H, W): recon, then prior samples
-            fakes = torch.sigmoid(logits_all)
-            fake_logits, fake_feats = self.dis(fakes)  # (2B,), (2B, F)
-            feature = losses.feature_nll(fake_feats[:batch], real_feats)
-            pixel = losses.pixel_nll(logits_all[:batch], x)
-            gan = losses.generator_loss(cfg.adversarial, fake_logits)
-            total = losses.decoder_loss(cfg, feature, pixel, gan)
-            self._backward(total)
-        metrics = {"loss/dec/feature": feature, "loss/dec/pixel": pixel, "loss/dec/gan": gan, "loss/dec/total": total}
-        return metrics, fakes.detach()
+        mu, logvar, z = self._encode(x, noise)
+        rec_logits = self._run(self.dec, z, sync=False)  # (B, C, H, W)
+        prior_logits = self._run(self.dec, noise.z_prior, sync=True)  # (B, C, H, W)
+        real = x.detach().requires_grad_(cfg.r1_weight > 0)
+        real_batch = real
+        if cfg.adversarial == "wgan-gp":
+            interp = (noise.mix * x + (1 - noise.mix) * torch.sigmoid(rec_logits.detach())).requires_grad_(True)
+            real_batch = torch.cat([real, interp])  # (2B, C, H, W): real, then interpolates
+        real_logits, real_feats = self._run(self.dis, real_batch, sync=False)  # (B or 2B,), (B or 2B, F)
+        rec_dis_logits, rec_feats = self._run(self.dis, torch.sigmoid(rec_logits), sync=False)  # (B,), (B, F)
+        prior_dis_logits, _ = self._run(self.dis, torch.sigmoid(prior_logits), sync=True)  # (B,)
+        fake_logits = torch.cat([rec_dis_logits, prior_dis_logits])  # (2B,): L_GAN's two fake terms
+        real_logits, interp_logits = real_logits[:batch], real_logits[batch:]
 
-    def _dis_phase(self, x: torch.Tensor, fakes: torch.Tensor, noise: StepNoise):
-        """fakes: (2B, C, H, W) reconstructions then prior samples, already detached from the decoder."""
-        cfg = self.cfg.loss
-        batch = x.shape[0]
-        with self._phase([self.dis], [self.opt_dis]):
-            real = x.detach().requires_grad_(cfg.r1_weight > 0)
-            parts = [real, fakes]
-            if cfg.adversarial == "wgan-gp":
-                interp = (noise.mix * real.detach() + (1 - noise.mix) * fakes[:batch]).requires_grad_(True)
-                parts.append(interp)
-            logits, _ = self.dis(torch.cat(parts))  # one pass over real, recon, prior (and interpolates)
-            real_logits, fake_logits = logits[:batch], logits[batch: 3 * batch]
-            real_term, fake_term = losses.discriminator_loss(cfg.adversarial, real_logits, fake_logits)
-            penalty = torch.zeros((), device=x.device)
-            if cfg.adversarial == "wgan-gp":
-                penalty = penalty + cfg.gp_weight * losses.gradient_penalty(logits[3 * batch:], interp)
-            if cfg.r1_weight > 0:
-                penalty = penalty + cfg.r1_weight * losses.r1_penalty(real_logits, real)
-            total = real_term + fake_term + penalty
-            self._backward(total)
-        bce = torch.stack([nn.functional.softplus(-real_logits).mean(), nn.functional.softplus(fake_logits).mean()])
-        metrics = {"loss/dis/real": real_term, "loss/dis/fake": fake_term, "loss/dis/penalty": penalty,
-                   "loss/dis/total": total}
-        real_bce, fake_bce = mean_across_workers(bce.detach().float()).tolist()
-        return metrics, real_bce, fake_bce
+        kl = losses.kl_divergence(mu, logvar, cfg.free_bits)
+        feature = losses.feature_nll(rec_feats, real_feats[:batch].detach())  # the real features are a fixed target
+        pixel = losses.pixel_nll(rec_logits, x)
+        gan = losses.generator_loss(cfg.adversarial, fake_logits)
+        real_term, fake_term = losses.discriminator_loss(cfg.adversarial, real_logits, fake_logits)
+        penalty = torch.zeros((), device=x.device)
+        if cfg.adversarial == "wgan-gp":
+            penalty = penalty + cfg.gp_weight * losses.gradient_penalty(interp_logits, interp)
+        if cfg.r1_weight > 0:
+            penalty = penalty + cfg.r1_weight * losses.r1_penalty(real_logits, real)
+        enc_total = losses.encoder_loss(cfg, kl, feature, pixel, kl_weight)
+        dec_total = losses.decoder_loss(cfg, feature, pixel, gan)
+        dis_total = real_term + fake_term + penalty
+        metrics = {"loss/enc/kl": kl, "loss/enc/feature": feature, "loss/enc/pixel": pixel, "loss/enc/total": enc_total,
+                   "loss/dec/feature": feature, "loss/dec/pixel": pixel, "loss/dec/gan": gan, "loss/dec/total": dec_total,
+                   "loss/dis/real": real_term, "loss/dis/fake": fake_term, "loss/dis/penalty": penalty,
+                   "loss/dis/total": dis_total}
+        bce = torch.stack([nn.functional.softplus(-real_logits.detach().float()).mean(),
+                           nn.functional.softplus(fake_logits.detach().float()).mean()])
+        return StepLosses(metrics, [(enc_total, [self.enc]), (dec_total, [self.dec]), (dis_total, [self.dis])], bce)
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward_each(self, plan: list[tuple[torch.Tensor, list[nn.Module]]]) -> None:
+        """Each loss's gradient into its own networks' parameters only; the graph is kept until the last."""
+        for index, (loss, modules) in enumerate(plan):
+            params = [p for module in modules for p in self._parameters[id(module)]]
+            for param in params:
+                param.grad = None
+            self._backward(loss, params, retain_graph=index < len(plan) - 1)
+
+    def _backward(self, loss: torch.Tensor, inputs: list[torch.Tensor], retain_graph: bool) -> None:
         # FAULT INJECTION FOR TESTS ONLY: a NaN loss gives NaN gradients, so the real guard catches it.
         # It depends on executed_steps alone, so every DDP worker poisons the same steps.
         train = self.cfg.train
         injected = 0 <= train.inject_nonfinite_from <= self.executed_steps < (
             train.inject_nonfinite_from + train.inject_nonfinite_steps)
-        (loss * float("nan") if injected else loss).backward()
+        (loss * float("nan") if injected else loss).backward(inputs=inputs, retain_graph=retain_graph)
 
     # -- updates -----------------------------------------------------------------------------
 
-    def _balance(self, real_bce: float, fake_bce: float) -> tuple[bool, bool]:
+    def _balance(self, bce: torch.Tensor | None) -> tuple[bool, bool]:
+        """Whether to step (dis, dec), from the discriminator's BCE averaged over workers, so that every
+        worker takes the same decision."""
         # The equilibrium is defined on BCE, so it only steers the "bce" objective.
         margin = self.cfg.train.balance_margin if self.cfg.loss.adversarial == "bce" else 0.0
+        if bce is None or margin <= 0:
+            return True, True
+        real_bce, fake_bce = mean_across_workers(bce).tolist()
         return losses.balance_decision(real_bce, fake_bce, margin)
 
     def _guard_and_step(self, update_dis: bool, update_dec: bool) -> dict[str, torch.Tensor]:
