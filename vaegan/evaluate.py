@@ -12,7 +12,7 @@ from .featnet import FeatureNet
 from .inference import GenerativeModel
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> (N, F) penultimate features."""
     net.eval()

@@ -36,20 +36,20 @@ class GenerativeModel:
         m = self.cfg.model
         return (m.channels, m.image_size, m.image_size)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
         """num_samples images from z ~ N(0, I); the same seed gives the same images."""
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(num_samples, self.cfg.model.latent_dim, generator=gen).to(self.device)
         return self.dec.generate(z).float().cpu()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Posterior means E[q(z|x)], (N, latent_dim)."""
         mu, _ = self.enc(images.to(self.device, torch.float32))
         return mu.float().cpu()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.dec.generate(z.to(self.device, torch.float32)).float().cpu()
 
