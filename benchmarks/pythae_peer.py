@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from pythae.data.datasets import BaseDataset
 from pythae.models import VAEGAN
 from pythae.models import VAEGANConfig as PythaeVAEGANConfig
@@ -81,10 +82,42 @@ class PythaeDiscriminator(BaseDiscriminator):
 class Trainer(CoupledOptimizerAdversarialTrainer):
     """pythae's trainer, except for its final ``save_model``: that cloudpickles the networks, and torch
     refuses to pickle our spectral-norm (parametrized) discriminator. ``export_checkpoint`` saves the
-    weights in our format instead."""
+    weights in our format instead. It also records which networks each step updated: pythae runs a
+    network's backward only when its equilibrium margin lets that network update."""
+
+    updates: list[tuple[bool, bool, bool]]
 
     def save_model(self, model, dir_path: str) -> None:
         pass
+
+    def _optimizers_step(self, model_output) -> None:
+        self.updates.append((model_output.update_encoder, model_output.update_decoder,
+                             model_output.update_discriminator))
+        super()._optimizers_step(model_output)
+
+
+def update_fractions(updates: list[tuple[bool, bool, bool]]) -> dict[str, float]:
+    """The fraction of steps on which each network was updated (its backward run)."""
+    steps = max(len(updates), 1)
+    return {f"{name}_update_fraction": sum(u[i] for u in updates) / steps
+            for i, name in enumerate(("enc", "dec", "dis"))}
+
+
+def all_updates_step_flops(cfg: VAEGANConfig, seed: int, images: torch.Tensor) -> int:
+    """FLOPs (matmuls and convolutions) of one pythae step in which all three networks update, on a fresh
+    model so that the measured run is untouched: its forward and its three backward passes."""
+    model = pythae_model(cfg, seed)
+    batch = images[:cfg.train.batch_size]
+
+    def step() -> None:
+        out = model({"data": batch})
+        out.encoder_loss.backward(retain_graph=True)
+        out.decoder_loss.backward(retain_graph=True)
+        out.discriminator_loss.backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
 
 
 class EpochTimer(TrainingCallback):
@@ -159,11 +192,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pythae-out-") as output_dir:  # pythae writes its training config there
         trainer = Trainer(model, dataset, training_config=trainer_config(
             cfg, args.epochs, args.seed, output_dir), callbacks=[timer])
+        trainer.updates = []
         trainer.train()
-    history = [{**epoch, "images_per_s": len(dataset) / epoch["epoch_seconds"]} for epoch in timer.epochs]
+    steps_per_epoch = len(trainer.updates) // max(len(timer.epochs), 1)
+    history = [{**epoch, "images_per_s": len(dataset) / epoch["epoch_seconds"],
+                **update_fractions(trainer.updates[i * steps_per_epoch:(i + 1) * steps_per_epoch])}
+               for i, epoch in enumerate(timer.epochs)]
     if args.checkpoint:
         export_checkpoint(trainer.model, cfg, args.checkpoint, history)
     args.out.write_text(json.dumps({"pythae": PYTHAE_VERSION, "images": len(dataset), "epochs": history,
+                                    "update_fractions": update_fractions(trainer.updates),
+                                    "all_updates_step_flops": all_updates_step_flops(cfg, args.seed, dataset.data),
                                     "torch_threads": torch.get_num_threads(),
                                     "checkpoint": str(args.checkpoint) if args.checkpoint else None}, indent=2))
 

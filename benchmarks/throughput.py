@@ -7,6 +7,11 @@
                   shards of the Parquet train split that the product's preprocess step wrote), tracking off;
   ray_train_2w    the same with 2 workers, each network in its own DDP over gloo (NCCL with --device cuda);
   pythae          pythae's VAE-GAN trainer with the same nets (benchmarks/pythae_peer.py, own virtualenv).
+  bare_vae        the bare loop again with ``model.kind=vae``: a plain VAE step on the same encoder and decoder.
+
+Beside the images/s, the step's FLOPs against its floor and the machine's fp32 GFLOP/s (a 2048^3 matmul
+and the step's costliest convolution) come from benchmarks/flops.py, measured in the same run, so that
+``fraction_of_peak`` (the step's achieved GFLOP/s over each) compares figures taken minutes apart.
 
 Every ``images_per_s`` is steady state: images over seconds of the epochs after the first, from the
 per-epoch figure each loop reports (``vaegan.loop.EpochMeter``; pythae: its epoch time), so start-up
@@ -27,14 +32,16 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import common
+import flops
 import torch
 import torch.distributed as dist
 
-PARTS = ("bare", "ray_train_1w", "ray_train_2w", "pythae")
+PARTS = ("bare", "ray_train_1w", "ray_train_2w", "pythae", "bare_vae")
 
 
 def parse_args():
@@ -119,7 +126,9 @@ def pythae(cfg, data: common.PreparedData, images: int, epochs: int) -> dict[str
     from dataclasses import asdict
     out = common.run_pythae(["--data", str(data.dir), "--config-json", json.dumps(asdict(cfg)),
                              "--epochs", str(epochs), "--images", str(images), "--seed", str(cfg.train.seed)])
-    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], **loop_figures(out["epochs"])}
+    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], **loop_figures(out["epochs"]),
+            "update_fractions": out["update_fractions"],
+            "all_updates_step_flops_per_image": round(out["all_updates_step_flops"] / cfg.train.batch_size)}
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -168,19 +177,46 @@ def measure_bare(args, cfg, data: common.PreparedData, parts: dict[str, Any]) ->
         if worker_threads and device.type == "cpu":
             parts["bare_at_worker_threads"] = bare(cfg.core(), images, args.epochs, device, worker_threads, args.ddp)
         torch.set_num_threads(default_threads)
+        if "bare_vae" in args.parts:
+            vae = replace(cfg.core(), model=replace(cfg.core().model, kind="vae"))
+            parts["bare_vae"] = bare(vae, images, args.epochs, device, default_threads, args.ddp)
+        else:
+            parts["bare_vae"] = {"skipped": "not in --parts"}
     finally:
         if args.ddp:
             dist.destroy_process_group()
 
 
-def ratios(parts: dict[str, Any]) -> dict[str, float | None]:
+def compute_figures(cfg, parts: dict[str, Any], device: str) -> dict[str, Any]:
+    """The step's FLOPs against its floor, the machine's fp32 peak, and the fraction of it the bare step reaches."""
+    step = flops.step_figures(cfg.core())
+    if device != "cpu":
+        skipped = {"skipped": f"the peak is measured on the CPU; the step ran on {device}"}
+        return {"flops": step, "step_flops_per_image": step["step_flops_per_image"], "machine_gflops": skipped,
+                "fraction_of_peak": {**skipped, "of_matmul": None}}
+    peak = flops.machine_gflops(cfg.core())
+    achieved = (parts["bare"].get("images_per_s") or 0) * step["step_flops_per_image"] / 1e9
+    fraction = {"step_gflops": round(achieved, 1),
+                "of_matmul": common.ratio(achieved, peak["matmul"]),
+                "of_conv_forward_backward": common.ratio(achieved, peak["conv_forward_backward"])}
+    return {"flops": step, "step_flops_per_image": step["step_flops_per_image"], "machine_gflops": peak,
+            "fraction_of_peak": fraction}
+
+
+def ratios(parts: dict[str, Any], figures: dict[str, Any]) -> dict[str, float | None]:
     def ips(name: str) -> float | None:
         return parts.get(name, {}).get("images_per_s")
 
     return {"ray_train_1w_over_bare": common.ratio(ips("ray_train_1w"), ips("bare")),
             "ray_train_1w_over_bare_at_worker_threads": common.ratio(ips("ray_train_1w"), ips("bare_at_worker_threads")),
             "ddp_2w_over_1w": common.ratio(ips("ray_train_2w"), ips("ray_train_1w")),
-            "pythae_over_bare": common.ratio(ips("pythae"), ips("bare"))}
+            "pythae_over_bare": common.ratio(ips("pythae"), ips("bare")),
+            "ours_over_pythae": common.ratio(ips("bare"), ips("pythae")),
+            # Step time over step time: the VAE's images/s over the VAE-GAN's, at the same batch.
+            "vaegan_over_vae_step_time": common.ratio(ips("bare_vae"), ips("bare")),
+            "floor_vaegan_over_vae_flops": figures["flops"]["floor_over_vae_flops"],
+            "step_over_floor_flops": figures["flops"]["step_over_floor_flops"],
+            "fraction_of_peak": figures["fraction_of_peak"]["of_matmul"]}
 
 
 def main() -> None:
@@ -200,8 +236,9 @@ def main() -> None:
             parts["pythae"] = {"skipped": "--quick" if args.quick else "not in --parts"}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    figures = compute_figures(cfg, parts, args.device)
     ordered = {name: parts[name] for name in ("bare", "bare_at_worker_threads", *PARTS[1:]) if name in parts}
-    result = {"ratios": ratios(parts), **ordered,
+    result = {"ratios": ratios(parts, figures), **ordered, **figures,
               "setup": {"config": args.config, "overrides": args.overrides, "images_per_epoch": args.images,
                         "epochs": args.epochs, "batch_size": cfg.train.batch_size, "kind": cfg.model.kind,
                         "image_shape": data.image_shape, "base_channels": cfg.model.base_channels,

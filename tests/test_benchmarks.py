@@ -1,5 +1,5 @@
 """Each benchmark's --quick mode end to end (a real local Ray where the benchmark uses one): it runs, and
-its JSON has the shape the full run writes, with finite, positive figures. About 6 minutes on 2 cores:
+its JSON has the shape the full run writes, with finite, positive figures. About 7 minutes on 2 cores:
 eight Ray Train runs (2 throughput, 4 sweep trials, 2 quality) at ~20 s of start-up each set the floor."""
 from __future__ import annotations
 
@@ -41,14 +41,32 @@ def positive(value) -> bool:
 
 def test_throughput_quick(tmp_path, work_dir):
     result = run_quick("throughput", tmp_path, work_dir)
-    for part in ("bare", "bare_at_worker_threads", "ray_train_1w", "ray_train_2w"):
+    for part in ("bare", "bare_at_worker_threads", "ray_train_1w", "ray_train_2w", "bare_vae"):
         assert positive(result[part]["images_per_s"]) and result[part]["torch_threads"] >= 1, part
         assert result[part]["nonfinite_skipped"] == 0, part
     assert result["ray_train_1w"]["workers"] == 1 and result["ray_train_2w"]["workers"] == 2
     assert positive(result["ray_train_1w"]["wall_seconds"])
     assert result["bare_at_worker_threads"]["torch_threads"] == result["ray_train_1w"]["torch_threads"]
     assert result["pythae"] == {"skipped": "--quick"} and result["ratios"]["pythae_over_bare"] is None
-    assert all(positive(result["ratios"][k]) for k in ("ray_train_1w_over_bare", "ddp_2w_over_1w"))
+    assert all(positive(result["ratios"][k]) for k in ("ray_train_1w_over_bare", "ddp_2w_over_1w",
+                                                        "vaegan_over_vae_step_time", "fraction_of_peak"))
+    assert result["ratios"]["ours_over_pythae"] is None
+    assert result["ratios"]["step_over_floor_flops"] == pytest.approx(1.0, abs=0.005)  # the step is at its floor
+    assert positive(result["step_flops_per_image"]) and result["flops"]["floor_over_vae_flops"] > 1
+    assert all(positive(result["machine_gflops"][k]) for k in ("matmul", "conv_forward", "conv_forward_backward"))
+    assert 0 < result["fraction_of_peak"]["of_matmul"] < 1
+
+
+def test_flops_quick(tmp_path, work_dir):
+    result = run_quick("flops", tmp_path, work_dir)
+    figures = result["flops"]
+    assert figures["step_flops"] == figures["floor_flops"]["total"]  # no backward work a loss does not need
+    parts = ("forward", "enc_loss_backward", "dec_loss_backward", "dis_loss_backward")
+    assert sum(figures["floor_flops"][k] for k in parts) == figures["floor_flops"]["total"]
+    assert all(positive(figures["floor_flops"][k]) for k in parts)
+    assert figures["vae_step_flops"] < figures["step_flops"]
+    assert 0 < figures["dis_on_recon_fraction_of_step"] < 1
+    assert positive(result["machine_gflops"]["matmul"])
 
 
 def test_preprocess_quick(tmp_path, work_dir):
@@ -59,6 +77,13 @@ def test_preprocess_quick(tmp_path, work_dir):
         assert all(positive(result[side][k]) for k in ("seconds", "rows_per_s", "peak_rss_mb")), side
     assert result["same_output"] is True  # same rows, same split: the same manifest fingerprint
     assert positive(result["ratios"]["ray_over_numpy_time"])
+    png = result["png_folder"]
+    assert png["images"] == png["source"]["images"] == 2000
+    for side in ("ray_data", "script"):
+        assert png[side]["rows"] == 2000, side
+        assert all(positive(png[side][k]) for k in ("seconds", "rows_per_s", "peak_rss_mb")), side
+    assert png["same_output"] is True
+    assert all(positive(result["ratios"][k]) for k in ("ray_over_script_png_time", "ray_over_script_png_peak_rss"))
 
 
 def test_sweep_quick(tmp_path, work_dir):
