@@ -19,7 +19,7 @@ is excluded; Ray's ``wall_seconds`` includes it (worker group start, Ray Data, p
 and checkpoints). The nets, batch size and data are the config's (default: the main job's).
 
 Run from the repository root, under the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py            # about 6 min on 2 cores
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py            # about 8 min on 2 cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py --quick    # smoke config, tests
     .venv/bin/python benchmarks/throughput.py --device cuda --parts bare --ddp      # the bare step on a GPU
 Results: benchmarks/results/throughput.json (--quick: throughput_quick.json; --out to change).
