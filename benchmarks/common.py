@@ -140,9 +140,11 @@ class PreparedData:
     def image_shape(self) -> list[int]:
         return self.manifest["image_shape"]
 
-    def upstream(self) -> dict[str, Any]:
-        """The shape in which pipeline steps receive the preprocess step's result."""
-        return {"preprocess": {"dir": str(self.dir), "outputs": {"manifest": self.manifest}}}
+    @property
+    def outputs(self):
+        """The preprocess step's outputs, as pipeline steps receive them."""
+        from pipelines.steps import preprocess
+        return preprocess.Outputs(manifest=self.manifest, folder=str(self.dir))
 
 
 def prepare_data(cfg, cache_dir: Path) -> PreparedData:
@@ -152,18 +154,19 @@ def prepare_data(cfg, cache_dir: Path) -> PreparedData:
     and a second benchmark run reuses it. Needs Ray to be running.
     """
     from pipelines import dag
+    from pipelines.context import RunContext
     cache_dir.mkdir(parents=True, exist_ok=True)
-    ctx = dag.RunContext(run_dir=str(cache_dir.resolve()), tracking_uri="", experiment_id="", parent_run_id="")
-    return load_prepared(cfg, Path(dag.execute(cfg, ctx, ["preprocess"], set())["preprocess"]["dir"]))
+    ctx = RunContext(run_dir=str(cache_dir.resolve()), tracking_uri="", experiment_id="", parent_run_id="")
+    return load_prepared(cfg, dag.execute(cfg, ctx, ["preprocess"], set())["preprocess"].outputs.path)
 
 
 def load_prepared(cfg, pre_dir: Path) -> PreparedData:
     """A finished preprocess step folder and its feature net (loaded from the cache, or trained once)."""
-    from pipelines import dag, steps
-    manifest = json.loads((pre_dir / dag.OUTPUTS_FILE).read_text())["manifest"]
-    prepared = PreparedData(pre_dir, manifest, Path(), "")
-    prepared.featnet_path, prepared.featnet_name = steps.feature_net(cfg, prepared.upstream())
-    return prepared
+    from pipelines.context import read_outputs
+    from pipelines.steps import preprocess
+    outputs = read_outputs(preprocess.Outputs, pre_dir)
+    featnet_path, featnet_name = outputs.feature_net(cfg.data.data_dir, cfg.eval)
+    return PreparedData(pre_dir, outputs.manifest, featnet_path, featnet_name)
 
 
 def load_pipeline_config(path: Path | str, overrides: list[str]):

@@ -149,7 +149,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def pythae_model(cfg: VAEGANConfig, seed: int) -> VAEGAN:
-    torch.manual_seed(seed)  # the same initial weights as the pipeline's worker (pipelines/train.py)
+    torch.manual_seed(seed)  # the same initial weights as the pipeline's worker (pipelines/worker.py)
     enc, dec, dis = build_nets(cfg.model)
     shape = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     config = PythaeVAEGANConfig(input_dim=shape, latent_dim=cfg.model.latent_dim, reconstruction_layer=1)

@@ -6,7 +6,7 @@
   pythae_vaegan   pythae's VAE-GAN trainer on the same nets, data split, epochs, batch size and seed
                   (benchmarks/pythae_peer.py, in benchmarks/.venv-pythae); its final encoder/decoder are
                   saved in our checkpoint format, scored by the evaluate step's own code
-                  (``pipelines.steps.score_checkpoint`` -> ``vaegan.evaluate.evaluate_model``, same
+                  (``pipelines.steps.evaluate.score_checkpoint`` -> ``vaegan.evaluate.evaluate_model``, same
                   feature net) and registered with ``pipelines.registry`` under ``bench-quality-pythae-vaegan``.
 
 Per system: test-split domain FID, KID, precision, recall, recon MSE, IWAE NLL (nats), active units and
@@ -81,15 +81,16 @@ def pipeline_seed_result(summary: dict[str, Any]) -> dict[str, Any]:
 
 def pythae_run(cfg, data: common.PreparedData, seed: int, tracking_uri: str, run_dir: Path) -> dict[str, Any]:
     """Train the pythae peer, score it with the evaluate step's code, register it; returns its figures."""
-    from pipelines import registry, steps, tracking
+    from pipelines import registry, tracking
     from pipelines.config import flatten
+    from pipelines.steps.evaluate import score_checkpoint
     from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
     checkpoint = run_dir / "pythae" / f"seed-{seed}" / CHECKPOINT_NAME
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     print(f"[quality] pythae_vaegan seed {seed}", flush=True)
     trained = common.run_pythae(["--data", str(data.dir), "--config-json", json.dumps(dataclasses.asdict(cfg.core())),
                                  "--epochs", str(cfg.train.epochs), "--seed", str(seed), "--checkpoint", str(checkpoint)])
-    scores = steps.score_checkpoint(cfg, load_checkpoint(checkpoint), data.dir, data.manifest, data.featnet_path)
+    scores = score_checkpoint(cfg.eval, load_checkpoint(checkpoint), data.outputs, data.featnet_path, seed=cfg.train.seed)
     experiment_id = tracking.ensure_experiment(tracking_uri, cfg.register.experiment, run_dir)
     run_id = tracking.start_run(tracking_uri, experiment_id, f"pythae-vaegan-seed-{seed}",
                                 params={**flatten(dataclasses.asdict(cfg)), "trainer": f"pythae {trained['pythae']}"})

@@ -40,7 +40,7 @@ def command(run_dir: Path, quick: bool) -> list[str]:
 
 
 def ledger(run_dir: Path) -> dict[str, Any]:
-    """The FaultLedger rank 0 rewrites after every step (see pipelines/train.py)."""
+    """The FaultLedger rank 0 rewrites while training runs (see pipelines/faults.py)."""
     files = list((run_dir / "ray").glob("train-*.progress.json"))
     try:
         return json.loads(files[0].read_text()) if files else {}

@@ -11,7 +11,7 @@ that a slow spell of the machine hits every variant alike; each figure is the me
   compiled          floor_step with each network under ``torch.compile`` (compile seconds reported apart).
 
 Each variant's ``step_flops`` (benchmarks/flops.py's counter, one step) sits beside its speed.
-Then the per-epoch validation's pieces (``pipelines/train.py``): rebuilding the model through the checkpoint
+Then the per-epoch validation's pieces (``pipelines/worker.py``): rebuilding the model through the checkpoint
 format, and the metrics under ``torch.no_grad`` against ``torch.inference_mode``; and one Adam step of the
 decoder, fused against unfused, alone.
 

@@ -1,12 +1,12 @@
 """ASHA vs a grid run to completion, over the same points of the search space, through the product's sweep.
 
   grid  ``tune.space.grid_space``: ``--points`` values of each of ``--keys`` (default: the first two of
-        the kind's ``GRID_KEYS``), every point trained for ``--max-epochs``. It goes through ``pipelines.sweep.run``
+        the kind's ``GRID_KEYS``), every point trained for ``--max-epochs``. It goes through ``tune.sweep.run``
         with ``tune.grace_period = max_epochs``: ASHA then has a single rung, at max_t, and stops no
         trial early, so this is the grid run to completion with everything else identical.
-  asha  the same points through ``pipelines.sweep.run`` with ASHA (``--grace-period``, ``--reduction-factor``).
+  asha  the same points through ``tune.sweep.run`` with ASHA (``--grace-period``, ``--reduction-factor``).
 
-Each trial is a real Ray Train run (``pipelines.train.fit``) of the config with the point's overrides and
+Each trial is a real Ray Train run (``pipelines.training.fit``) of the config with the point's overrides and
 the same seed, so a point trains alike in both sweeps; only ASHA's stopping differs. "best" is the lowest
 validation domain FID (``val/fid``) a trial last reported (Tune's best result, as the tune step uses);
 "compute" is trial-epochs (Tune's ``training_iteration`` summed over trials).
@@ -55,26 +55,30 @@ def parse_args():
 
 def tracking_context(scratch: Path):
     """A throwaway MLflow store and parent run for the trials (the sweep logs every trial as a child run)."""
-    from pipelines import dag, tracking
+    from pipelines import tracking
+    from pipelines.context import RunContext
     uri = f"sqlite:///{scratch / 'mlflow.db'}"
     experiment_id = tracking.ensure_experiment(uri, "sweep-benchmark", scratch)
     parent = tracking.start_run(uri, experiment_id, "sweep-benchmark")
-    return dag.RunContext(run_dir=str(scratch), tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
+    return RunContext(run_dir=str(scratch), tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
 
 
 def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict, out: Path) -> dict[str, Any]:
-    """One sweep through the product's ``pipelines.sweep.run``; its outputs plus the per-trial table."""
-    from pipelines import sweep
+    """One sweep through the product's ``tune.sweep.run``; its outcome plus the per-trial table."""
+    from dataclasses import replace
+
+    from tune import sweep
     out.mkdir(parents=True)
     start = time.perf_counter()
-    outputs = sweep.run(cfg, ctx, data.dir, data.manifest, data.featnet_path, out, key=name, param_space=param_space)
+    outcome = sweep.run(cfg, replace(ctx, step_key=name), data.dir, data.image_shape, data.featnet_path, out,
+                        param_space=param_space)
     seconds = time.perf_counter() - start
     with open(out / "trials.csv", newline="") as f:
         # The "trial" column holds only the experiment's id prefix, the same for every trial: left out.
         trials = [{k: _number(v) for k, v in row.items() if k != "trial" and (k != "error" or v)}
                   for row in csv.DictReader(f)]
-    return {"best_val_fid": round(outputs["best_score"], 4), "best_overrides": outputs["overrides"],
-            "trial_epochs": outputs["trial_epochs"], "trials": outputs["trials"], "seconds": round(seconds, 1),
+    return {"best_val_fid": round(outcome.best_score, 4), "best_overrides": outcome.overrides,
+            "trial_epochs": outcome.trial_epochs, "trials": outcome.trials, "seconds": round(seconds, 1),
             "per_trial": trials}
 
 

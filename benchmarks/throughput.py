@@ -3,7 +3,7 @@
   bare            ``VAEGANTrainer`` steps in a plain PyTorch loop over an in-memory uint8 tensor
                   (``vaegan.loop.fit``), at torch's default thread count and again at the Ray Train
                   worker's (Ray sets a worker's OMP_NUM_THREADS to its CPUs: 1);
-  ray_train_1w    the product's ``pipelines.train.fit`` (its ``train_loop_per_worker`` reading Ray Data
+  ray_train_1w    the product's ``pipelines.training.fit`` (its ``train_loop_per_worker`` reading Ray Data
                   shards of the Parquet train split that the product's preprocess step wrote), tracking off;
   ray_train_2w    the same with 2 workers, each network in its own DDP over gloo (NCCL with --device cuda);
   pythae          pythae's VAE-GAN trainer with the same nets (benchmarks/pythae_peer.py, own virtualenv).
@@ -79,7 +79,7 @@ def loop_figures(history: list[dict[str, float]]) -> dict[str, Any]:
 
 def bare(cfg, images: torch.Tensor, epochs: int, device: torch.device, threads: int, ddp: bool) -> dict[str, Any]:
     """The train step in a plain loop; ``cfg`` is a ``vaegan.config.VAEGANConfig``."""
-    from pipelines.train import _ddp  # the product's own per-network DDP wrapping
+    from pipelines.worker import ddp as wrap_ddp  # the product's own per-network DDP wrapping
     from vaegan.loop import fit
     from vaegan.nets import build_nets
     from vaegan.step import VAEGANTrainer
@@ -87,13 +87,13 @@ def bare(cfg, images: torch.Tensor, epochs: int, device: torch.device, threads: 
     torch.manual_seed(cfg.train.seed)
     nets = [m.to(device) if m is not None else None for m in build_nets(cfg.model)]
     if ddp:
-        nets = [_ddp(m, device) for m in nets]
+        nets = [wrap_ddp(m, device) for m in nets]
     trainer = VAEGANTrainer(cfg, *nets)
     history = fit(trainer, images, epochs, cfg.train.batch_size, cfg.train.seed,
                   log=lambda line: print(f"[bare, {threads} threads] {line}", flush=True))
     return {"torch_threads": torch.get_num_threads(), "device": device.type, "ddp": ddp,
             "amp": cfg.train.amp and device.type == "cuda", **loop_figures(history),
-            "nonfinite_skipped": trainer.counters["nonfinite_skipped"]}
+            "nonfinite_skipped": trainer.all_counters()["nonfinite_skipped"]}
 
 
 def ray_train(cfg, data: common.PreparedData, workers: int, images: int, storage: Path) -> dict[str, Any]:
@@ -101,12 +101,12 @@ def ray_train(cfg, data: common.PreparedData, workers: int, images: int, storage
     The workers share the machine's CPUs (``train.cpus_per_worker``), as the bare loop's threads do."""
     from dataclasses import replace
 
-    from pipelines import train as train_step
+    from pipelines import training
     cpus = max(1, (os.cpu_count() or 1) // workers)
     run_cfg = replace(cfg, train=replace(cfg.train, num_workers=workers, cpus_per_worker=cpus))
     start = time.perf_counter()
-    result = train_step.fit(run_cfg, data.dir, data.image_shape, data.featnet_path, name=f"throughput-{workers}w",
-                            storage=storage, train_limit=images)
+    result = training.fit(run_cfg, data.dir, data.image_shape, data.featnet_path, name=f"throughput-{workers}w",
+                          storage=storage, train_limit=images).result
     wall = time.perf_counter() - start
     history = checkpointed_history(result)
     trained = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)

@@ -24,7 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import STEPS, load_config
+from .config import load_config
+from .steps import STEPS
 
 # The user-facing errors by module. An error can only have been raised if its module was imported, so they
 # are looked up when one is raised: `vaegan --help` and a config mistake never wait seconds for torch or MLflow.

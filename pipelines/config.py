@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +20,6 @@ import yaml
 from vaegan.config import ConfigError, TrainConfig, VAEGANConfig, _require, from_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-STEPS = ("preprocess", "tune", "train", "evaluate", "register")
 
 
 @dataclass
@@ -41,6 +39,10 @@ class DataConfig:
             value = getattr(self, key)
             _require(0 < value < 0.5, f"data.{key}", value, "a fraction in (0, 0.5)")
         _require(self.rows_per_file > 0, "data.rows_per_file", self.rows_per_file, "a positive integer")
+
+    def check_source(self) -> None:
+        """That the source exists: a filesystem check, so the driver runs it once, before Ray (``validate``
+        stays pure and runs wherever a config is rebuilt)."""
         if self.source and not Path(self.source).exists():
             raise ConfigError(f"config key 'data.source' points to {self.source!r}, which does not exist; allowed: "
                               "an IDX folder, an image folder, a Parquet file or folder, or \"\" for Fashion-MNIST")
@@ -129,15 +131,11 @@ class PipelineConfig(VAEGANConfig):
             section.validate()
 
     def core(self) -> VAEGANConfig:
-        """The part ``vaegan/`` knows about, as its own dataclass (what checkpoints store)."""
-        return from_dict(VAEGANConfig, _project(dataclasses.asdict(self), VAEGANConfig))
-
-
-def _project(data: dict[str, Any], cls: type) -> dict[str, Any]:
-    """Keep only the keys of dataclass ``cls``, recursively (drops the pipeline-only sections and fields)."""
-    hints = typing.get_type_hints(cls)
-    return {name: _project(data[name], hints[name]) if dataclasses.is_dataclass(hints[name]) else data[name]
-            for name in (f.name for f in dataclasses.fields(cls))}
+        """The part ``vaegan/`` knows about, as its own dataclass (what checkpoints store); the sections are
+        shared, not copied, and ``train`` keeps only the library's fields."""
+        core_train = TrainConfig(**{f.name: getattr(self.train, f.name) for f in dataclasses.fields(TrainConfig)})
+        return VAEGANConfig(model=self.model, loss=self.loss, opt_enc=self.opt_enc, opt_dec=self.opt_dec,
+                            opt_dis=self.opt_dis, train=core_train)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,66 +1,60 @@
-"""The workflow DAG: preprocess -> tune -> train -> evaluate -> register, executed by Ray.
+"""The workflow DAG, a generic cached runner: it knows no step by name, only ``pipelines.steps.STEPS``.
 
 Each step is a Ray task node (``execute_step.bind(...)``) whose upstream nodes are its arguments;
-``dag.execute()`` runs the graph on the cluster. A step's outputs live in
-``<run dir>/<step>-<key>/`` where the key hashes the step's config and its inputs' keys; they are
-written to a temporary folder and renamed when complete, so a rerun skips every step whose folder
-exists (``cached``) and an interrupted pipeline resumes where it stopped.
+``dag.execute()`` runs the graph on the cluster. A step's outputs live in ``<run dir>/<step>-<key>/``,
+where the key hashes the config sections the step declares (``CACHE_KEY``) and its upstream steps' keys.
+They are written into a hidden temporary folder and renamed when complete, so a rerun skips every step
+whose folder exists (``cached``) and an interrupted pipeline resumes where it stopped.
 
 Run it:  ``vaegan run --config pipelines/configs/default.yaml``
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import importlib
 import shutil
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from vaegan.config import ConfigError, from_dict
+from vaegan.config import ConfigError
 
-from . import steps
-from .config import STEPS, PipelineConfig, stable_hash
-
-OUTPUTS_FILE = "outputs.json"
-UPSTREAM = {"preprocess": (), "tune": ("preprocess",), "train": ("preprocess", "tune"),
-            "evaluate": ("preprocess", "train"), "register": ("preprocess", "train", "evaluate")}
-STEP_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "preprocess": steps.preprocess, "tune": steps.tune, "train": steps.train,
-    "evaluate": steps.evaluate, "register": steps.register,
-}
+from .config import PipelineConfig, stable_hash
+from .context import OUTPUTS_FILE, RunContext, StepResult, read_outputs
+from .steps import STEPS
 
 
-@dataclasses.dataclass
-class RunContext:
-    """What every step needs besides the config; crosses the Ray boundary as a dict."""
-
-    run_dir: str
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
+@functools.cache
+def step_module(name: str) -> ModuleType:
+    return importlib.import_module(f"pipelines.steps.{name}")
 
 
-def config_section_of(step: str, cfg: PipelineConfig) -> dict[str, Any]:
-    """The part of the config a step's outputs depend on (its cache key's own share)."""
+def upstream_of(name: str) -> tuple[str, ...]:
+    """The steps whose outputs ``name`` reads: the fields of its ``Inputs``."""
+    return tuple(f.name for f in dataclasses.fields(step_module(name).Inputs))
+
+
+def cache_section(name: str, cfg: PipelineConfig) -> dict[str, Any]:
+    """The values of the config keys step ``name`` declares in ``CACHE_KEY`` ("section" or "section.key")."""
     full = dataclasses.asdict(cfg)
-    if step == "preprocess":
-        return {"data": full["data"], "image_size": cfg.model.image_size, "channels": cfg.model.channels}
-    if step == "evaluate":
-        return {"eval": full["eval"]}
-    if step == "register":
-        return {"register": full["register"]}
-    trained = {k: v for k, v in full.items() if k not in ("name", "data", "eval", "register", "tune")}
-    return {**trained, "tune": full["tune"]} if step == "tune" else trained
+    section: dict[str, Any] = {}
+    for dotted in step_module(name).CACHE_KEY:
+        value: Any = full
+        for part in dotted.split("."):
+            value = value[part]
+        section[dotted] = value
+    return section
 
 
-def step_key(step: str, cfg: PipelineConfig, upstream: dict[str, dict[str, Any]]) -> str:
-    return stable_hash(step, config_section_of(step, cfg), {name: up["key"] for name, up in upstream.items()})
+def step_key(name: str, cfg: PipelineConfig, upstream: dict[str, StepResult]) -> str:
+    return stable_hash(name, cache_section(name, cfg), {up: result.key for up, result in upstream.items()})
 
 
 def remove_stale_partials(run_dir: Path) -> list[Path]:
@@ -84,35 +78,36 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 @ray.remote(num_cpus=0)  # orchestration only: the Data/Train/Tune work a step launches holds the CPUs
-def execute_step(step: str, cfg_dict: dict[str, Any], ctx_dict: dict[str, Any], run_it: bool, force: bool,
-                 *upstream: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: bool, force: bool,
+                 *upstream: dict[str, StepResult]) -> dict[str, StepResult]:
     """Run (or reuse) one step; returns the results of this step and of everything upstream of it."""
-    cfg = from_dict(PipelineConfig, cfg_dict)
-    ctx = RunContext(**ctx_dict)
-    results = {name: result for up in upstream for name, result in up.items()}
-    ups = {name: results[name] for name in UPSTREAM[step]}
-    key = step_key(step, cfg, ups)
-    final = Path(ctx.run_dir) / f"{step}-{key}"
+    from vaegan.config import from_dict
+    cfg = from_dict(PipelineConfig, cfg_dict)  # [1] the config crosses the Ray boundary as a dict
+    step = step_module(name)
+    results = {n: result for up in upstream for n, result in up.items()}
+    ups = {n: results[n] for n in upstream_of(name)}
+    key = step_key(name, cfg, ups)
+    final = Path(ctx.run_dir) / f"{name}-{key}"
     if final.is_dir() and not force:
-        outputs = json.loads((final / OUTPUTS_FILE).read_text())
-        results[step] = {"key": key, "dir": str(final), "status": "cached", "seconds": 0.0, "outputs": outputs}
+        results[name] = StepResult(name, key, "cached", 0.0, read_outputs(step.Outputs, final))
         return results
     if not run_it:
-        raise ConfigError(f"step '{step}' has no complete outputs for this config in {ctx.run_dir}; "
+        raise ConfigError(f"step '{name}' has no complete outputs for this config in {ctx.run_dir}; "
                           f"add it to --steps (allowed: {', '.join(STEPS)})")
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        print(f"[dag] step {step} ({key}) started", flush=True)
-        outputs = STEP_FUNCTIONS[step](cfg, ctx, ups, tmp, key)
-        (tmp / OUTPUTS_FILE).write_text(json.dumps(outputs, indent=2))
+        print(f"[dag] step {name} ({key}) started", flush=True)
+        inputs = step.Inputs(**{n: result.outputs for n, result in ups.items()})
+        outputs = step.run(cfg, dataclasses.replace(ctx, step_key=key), inputs, tmp)
+        (tmp / OUTPUTS_FILE).write_text(outputs.to_json())  # last: the folder is complete once this exists
         publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
-    print(f"[dag] step {step} ({key}) finished in {seconds:.1f}s", flush=True)
-    results[step] = {"key": key, "dir": str(final), "status": "ran", "seconds": seconds, "outputs": outputs}
+    print(f"[dag] step {name} ({key}) finished in {seconds:.1f}s", flush=True)
+    results[name] = StepResult(name, key, "ran", seconds, dataclasses.replace(outputs, folder=str(final)))
     return results
 
 
@@ -123,16 +118,17 @@ def build_dag(cfg: PipelineConfig, ctx: RunContext, selected: list[str], forced:
     """
     last = max(STEPS.index(s) for s in selected)
     first_forced = min((STEPS.index(s) for s in forced), default=len(STEPS))
+    # Steps write their folders on the driver's node: the run folder is a local path there.
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     nodes: dict[str, Any] = {}
-    for index, step in enumerate(STEPS[: last + 1]):
-        nodes[step] = execute_step.options(scheduling_strategy=driver_node, name=f"step:{step}").bind(
-            step, dataclasses.asdict(cfg), dataclasses.asdict(ctx), step in selected, index >= first_forced,
-            *(nodes[up] for up in UPSTREAM[step]))
+    for index, name in enumerate(STEPS[: last + 1]):
+        nodes[name] = execute_step.options(scheduling_strategy=driver_node, name=f"step:{name}").bind(
+            name, dataclasses.asdict(cfg), ctx, name in selected, index >= first_forced,
+            *(nodes[up] for up in upstream_of(name)))
     return nodes[STEPS[last]]
 
 
-def execute(cfg: PipelineConfig, ctx: RunContext, selected: list[str], forced: set[str]) -> dict[str, dict]:
+def execute(cfg: PipelineConfig, ctx: RunContext, selected: list[str], forced: set[str]) -> dict[str, StepResult]:
     """Run the DAG on the cluster and return every executed step's result, keyed by step name."""
     root = build_dag(cfg, ctx, selected, forced)
     with warnings.catch_warnings():

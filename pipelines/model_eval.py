@@ -19,7 +19,6 @@ from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from deploy.pull import PullError
 from vaegan.atomic import write_json
@@ -27,10 +26,13 @@ from vaegan.checkpoint import CHECKPOINT_NAME, config_of, load_checkpoint
 from vaegan.config import ConfigError, from_dict
 from vaegan.inference import GenerativeModel
 
-from . import plots, steps
-from . import preprocess as preprocess_step
+from . import plots, tracking
+from . import preprocess as shards
+from .cluster import connect_ray
 from .config import DataConfig, EvalConfig, PipelineConfig
-from .pipeline import connect_ray
+from .steps import preprocess
+from .steps.evaluate import score_checkpoint
+from .steps.train import write_grids
 
 MANIFEST = "manifest.json"
 
@@ -60,7 +62,7 @@ def download_checkpoint(model_uri: str, dst: Path) -> dict[str, Any]:
     return load_checkpoint(found[0])
 
 
-def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> tuple[Path, dict[str, Any]]:
+def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> preprocess.Outputs:
     """A preprocess folder (Parquet splits + manifest) with the model's image shape."""
     path = Path(data) if data else None
     shape = [cfg.model.channels, cfg.model.image_size, cfg.model.image_size]
@@ -76,11 +78,12 @@ def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> tuple[Path, 
         target.mkdir(parents=True)
         data_cfg = DataConfig(source=str(path.resolve()) if path else "")
         data_cfg.validate()
-        return target, preprocess_step.run(data_cfg, cfg.model, target)
+        data_cfg.check_source()
+        return preprocess.Outputs(manifest=shards.run(data_cfg, cfg.model, target), folder=str(target))
     for candidate in candidates:
         manifest = json.loads((candidate / MANIFEST).read_text())
         if manifest["image_shape"] == shape:
-            return candidate, manifest
+            return preprocess.Outputs(manifest=manifest, folder=str(candidate))
     raise ConfigError(f"--data {data!r} holds no preprocessed data of the model's shape {shape}")
 
 
@@ -90,20 +93,19 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
         state = download_checkpoint(request.model_uri, Path(tmp))
     eval_cfg = dataclasses.replace(request.eval, num_images=request.num_images)
     cfg = from_dict(PipelineConfig, {**dataclasses.asdict(config_of(state)), "eval": dataclasses.asdict(eval_cfg)})
-    pre_dir, manifest = preprocessed_data(request.data, cfg, request.out)
-    counts = manifest["counts"]
+    data = preprocessed_data(request.data, cfg, request.out)
+    counts = data.manifest["counts"]
     if counts.get(request.split, 0) == 0:
-        raise ConfigError(f"--split {request.split!r} has no images in {pre_dir} (counts: {counts})")
-    featnet_path, featnet_name = steps.feature_net_for(cfg, pre_dir, manifest)
-    scores = steps.score_checkpoint(cfg, state, pre_dir, manifest, featnet_path, split=request.split,
-                                    seed=request.seed)
+        raise ConfigError(f"--split {request.split!r} has no images in {data.path} (counts: {counts})")
+    featnet_path, featnet_name = data.feature_net(cfg.data.data_dir, cfg.eval)
+    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=request.seed, split=request.split)
     model = GenerativeModel.from_checkpoint(state)
-    pngs = steps.write_grids(model, pre_dir, manifest, request.out, seed=request.seed, split=request.split)
+    pngs = write_grids(model, data, request.out, seed=request.seed, split=request.split)
     history = json.loads(state.get("history", "[]"))
     if history:
         pngs.append(plots.loss_curves(history, request.out / "loss_curves.png"))
     report = {"model_uri": request.model_uri, "metrics": scores, "feature_net": featnet_name,
-              "data": {"dir": str(pre_dir), "fingerprint": manifest["fingerprint"], "split": request.split},
+              "data": {"dir": str(data.path), "fingerprint": data.manifest["fingerprint"], "split": request.split},
               "num_images": min(request.num_images, counts[request.split]),
               "seeds": {"samples": request.seed, "iwae": request.seed},
               "iwae": {"k": cfg.eval.iwae_k, "images": cfg.eval.iwae_images},
@@ -118,10 +120,8 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
 def log_to_model_run(request: EvaluateRequest, scores: dict[str, float], files: list[Path]) -> str:
     """Metrics and files into the MLflow run that produced the model version."""
     run_id = mlflow.models.get_model_info(request.model_uri).run_id
-    client = MlflowClient()
     prefix = f"evaluate-{request.split}"
-    for name, value in scores.items():
-        client.log_metric(run_id, f"{prefix}/{name}", value)
-    for path in files:
-        client.log_artifact(run_id, str(path), prefix)
+    uri = mlflow.get_tracking_uri()
+    tracking.log_metrics(uri, run_id, {f"{prefix}/{name}": value for name, value in scores.items()})
+    tracking.log_artifacts(uri, run_id, files, prefix)
     return run_id

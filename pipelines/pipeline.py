@@ -10,54 +10,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ray
-import torch
-
 from vaegan.atomic import write_json
 from vaegan.config import ConfigError
 
 from . import dag, preprocess, tracking
+from .cluster import check_fits_local_ray, connect_ray, local_resources
 from .config import PipelineConfig, flatten
+from .context import RunContext, StepResult
 
 SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units", "elbo_gap")
-
-
-def local_resources() -> dict[str, float]:
-    """What a local Ray has: the running one's resources, else what ``connect_ray`` will give a new one,
-    every CPU and every GPU torch sees, so it can be checked before Ray starts."""
-    if ray.is_initialized():
-        return ray.cluster_resources()
-    return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
-
-
-def connect_ray() -> bool:
-    """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine; returns
-    whether the cluster is a local one of fixed size (no autoscaler will add nodes)."""
-    local = not os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return local
-    # Ray Train otherwise prints every worker line twice; Ray's workers talk to MLflow as the driver does.
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}}
-    if local:
-        have = local_resources()
-        ray.init(num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env)
-    else:
-        ray.init(runtime_env=runtime_env)
-    return local
-
-
-def check_fits_local_ray(cfg: PipelineConfig, have: dict[str, float]) -> None:
-    """A local Ray never grows: refuse a Train run it cannot place, instead of waiting forever."""
-    cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
-    if cpus > have.get("CPU", 0):
-        raise ConfigError(f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {cfg.train.num_workers} x "
-                          f"{cfg.train.cpus_per_worker} = {cpus} CPUs, but this machine's Ray has "
-                          f"{int(have.get('CPU', 0))}; allowed: at most that many "
-                          "(or set RAY_ADDRESS to a bigger cluster)")
-    if cfg.train.use_gpu and cfg.train.num_workers > have.get("GPU", 0):
-        raise ConfigError(f"config key 'train.num_workers' = {cfg.train.num_workers} GPU workers (train.use_gpu), but "
-                          f"this machine's Ray has {int(have.get('GPU', 0))} GPUs; allowed: at most that many, "
-                          "or train.use_gpu=false")
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -94,19 +55,21 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     cfg = with_absolute_paths(cfg)
     # Cheap checks first, on the driver: a user error ends here, before Ray starts or anything is written.
     check_run_dir(run_dir)
+    cfg.data.check_source()
     check_data_fits(cfg)
     if not os.environ.get("RAY_ADDRESS"):
         check_fits_local_ray(cfg, local_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in dag.remove_stale_partials(run_dir):
         print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
-    uri = tracking.resolve_tracking_uri(cfg, run_dir)
-    tracking.bounded_retries()
+    uri = tracking.resolve_tracking_uri(cfg.register.tracking_uri, run_dir)
+    if cfg.register.tracking_uri:  # it goes into the run's params: without the credentials it may have held
+        cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, tracking_uri=uri))
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
     connect_ray()
     parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)))
-    ctx = dag.RunContext(run_dir=str(run_dir.resolve()), tracking_uri=uri, experiment_id=experiment_id,
-                         parent_run_id=parent)
+    ctx = RunContext(run_dir=str(run_dir.resolve()), tracking_uri=uri, experiment_id=experiment_id,
+                     parent_run_id=parent)
     try:
         results = dag.execute(cfg, ctx, steps, force)
     except BaseException:
@@ -119,26 +82,25 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     return summary
 
 
-def build_summary(uri: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    manifest = results["preprocess"]["outputs"]["manifest"]
-    registration = results.get("register", {}).get("outputs", {})
-    evaluation = results.get("evaluate", {}).get("outputs", {})
-    metrics = evaluation.get("metrics", {})
+def build_summary(uri: str, results: dict[str, StepResult]) -> dict[str, Any]:
+    manifest = results["preprocess"].outputs.manifest
+    registration = results["register"].outputs if "register" in results else None
+    evaluation = results["evaluate"].outputs if "evaluate" in results else None
+    train = results["train"].outputs if "train" in results else None
     return {
         "tracking_uri": uri,
-        "model_uri": registration.get("model_uri"),
-        "model_name": registration.get("model_name"),
-        "model_version": registration.get("model_version"),
-        "alias_moved": registration.get("alias_moved"),
-        "alias_reason": registration.get("alias_reason"),
+        "model_uri": registration and registration.model_uri,
+        "model_name": registration and registration.model_name,
+        "model_version": registration and registration.model_version,
+        "alias_moved": registration and registration.alias_moved,
+        "alias_reason": registration and registration.alias_reason,
         "image_shape": manifest["image_shape"],
-        "metrics": {k: metrics.get(k) for k in SUMMARY_METRICS} if metrics else {},
-        "baseline_vae_metrics": evaluation.get("baseline_vae"),
-        "feature_net": evaluation.get("feature_net"),
+        "metrics": {k: evaluation.metrics.get(k) for k in SUMMARY_METRICS} if evaluation else {},
+        "baseline_vae_metrics": evaluation and evaluation.baseline_vae,
+        "feature_net": evaluation and evaluation.feature_net,
         "data_fingerprint": manifest["fingerprint"],
         "data_counts": manifest["counts"],
-        "train_faults": results.get("train", {}).get("outputs", {}).get("faults"),
-        "steps": {name: {"status": r["status"], "seconds": round(r["seconds"], 3), "key": r["key"]}
+        "train_faults": train and train.faults,
+        "steps": {name: {"status": r.status, "seconds": round(r.seconds, 3), "key": r.key}
                   for name, r in results.items()},
     }
-

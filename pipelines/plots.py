@@ -1,10 +1,9 @@
-"""The PNG figures people would rather see than read: loss curves of a run, a sweep's metric against
-each searched parameter. Matplotlib with the file-only Agg backend (no display on clusters)."""
+"""The loss curves of a training run as a PNG. Matplotlib with the file-only Agg backend (no display on
+clusters); the sweep's figures are ``tune/report.py``'s."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -26,24 +25,6 @@ def loss_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def metric_vs_params(rows: Sequence[dict[str, Any]], params: Sequence[str], metric: str, path: Path) -> Path:
-    """A scatter of ``metric`` against each parameter (log x-axis for positive ranges over a decade)."""
-    fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), squeeze=False, sharey=True)
-    for ax, param in zip(axes[0], params):
-        points = [(r[param], r[metric]) for r in rows if isinstance(r.get(metric), float) and math.isfinite(r[metric])]
-        if points:
-            xs, ys = zip(*points)
-            ax.scatter(xs, ys)
-            if min(xs) > 0 and max(xs) / min(xs) >= 10:
-                ax.set_xscale("log")
-        ax.set_xlabel(param)
-    axes[0][0].set_ylabel(metric)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -92,7 +92,7 @@ def new_version(uri: str, cfg: RegisterConfig, model_uri: str, checkpoint: Path,
                 tags: dict[str, str]) -> tuple[str, bool, str]:
     """Register ``model_uri`` as a new version; move the alias to it if it beats the holder and its
     artifacts are verifiably complete. Returns the version, whether the alias moved, and why."""
-    client = MlflowClient(uri)
+    client = tracking.client(uri)
     version = mlflow.register_model(model_uri, cfg.model_name, tags=tags).version
     missing = missing_artifacts(f"models:/{cfg.model_name}/{version}", checkpoint)
     if missing:

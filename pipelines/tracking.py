@@ -1,14 +1,19 @@
-"""MLflow plumbing shared by the steps: the tracking URI, the experiment, the runs, and artifacts.
+"""MLflow, the pipeline's one way to it: the tracking URI, the experiment, runs, and one logger.
 
 Default store: an sqlite database inside the run folder, created once by the driver before any
 step starts (so trials never race to create its schema). Any tracking URI works instead,
 e.g. a real ``mlflow server``; it is checked before any compute is spent.
+
+Every call goes through ``client(uri)`` under one retry policy (``bounded_retries``) and sends metrics
+and params with ``log_batch``. The driver's calls fail fast with a ``TrackingError``; training logs
+through ``BufferedRunLogger``, which keeps what an outage holds back and sends it once the server is back.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +23,14 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .config import PipelineConfig
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
+BATCH_LIMITS = {"metrics": 1000, "params": 100}  # MLflow's most entries per log_batch call
+# MLflow's client retries a dead server for minutes per call by default; a step (and a training epoch)
+# should learn that the server is gone within seconds. One policy for the driver and every Ray worker.
+RETRY_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class TrackingError(RuntimeError):
@@ -44,16 +53,16 @@ def names_an_unreachable_server(call: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def resolve_tracking_uri(cfg: PipelineConfig, run_dir: Path) -> str:
-    """The tracking URI, without credentials in it.
+def resolve_tracking_uri(configured: str, run_dir: Path) -> str:
+    """The tracking URI (``configured``, else MLFLOW_TRACKING_URI, else sqlite in the run folder), without
+    credentials in it.
 
     A ``user:password@`` in an http(s) URI moves to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD,
     MLflow's own way to authenticate, which every client of this process and of the local Ray it starts
     reads. The URI travels on into summary.json, Ray task arguments, Train's config and MLflow's "View run"
-    lines, and ``cfg.register.tracking_uri`` into the run's params, so both keep only the host.
+    lines, and a configured ``register.tracking_uri`` into the run's params, so both keep only the host.
     """
-    uri = (cfg.register.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
         return uri
@@ -64,22 +73,20 @@ def resolve_tracking_uri(cfg: PipelineConfig, run_dir: Path) -> str:
                             "MLFLOW_TRACKING_PASSWORD in the job's environment instead")
     os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username or "")
     os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
-    if cfg.register.tracking_uri:
-        cfg.register.tracking_uri = bare
-    else:
+    if not configured:
         os.environ["MLFLOW_TRACKING_URI"] = bare
     return bare
 
 
 def ensure_experiment(uri: str, name: str, run_dir: Path) -> str:
     """The experiment's id, creating it (with artifacts under the run folder for local stores)."""
-    client = MlflowClient(uri)
+    mlflow_client = client(uri)
     try:
-        experiment = client.get_experiment_by_name(name)
+        experiment = mlflow_client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         location = (run_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-        return client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception as err:  # the client raises many kinds; all mean "cannot use the store"
         raise TrackingError(_refusal(uri, name, err)) from err
 
@@ -102,40 +109,53 @@ def _refusal(uri: str, experiment: str, err: Exception) -> str:
 def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str = "",
               params: dict[str, Any] | None = None) -> str:
     """Create a (child) run and return its id; the run stays open until ``end_run``."""
-    client = MlflowClient(uri)
     tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run = client(uri).create_run(experiment_id, run_name=name, tags=tags)
     if params:
         log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
 
+def client(uri: str) -> MlflowClient:
+    bounded_retries()
+    return MlflowClient(uri)
+
+
+def metric_entities(metrics: dict[str, float], step: int) -> list:
+    from mlflow.entities import Metric
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
+def send_batch(mlflow_client: MlflowClient, run_id: str, metrics: list = (), params: list = ()) -> None:
+    """``log_batch`` in chunks of MLflow's limits."""
+    for kind, items in (("metrics", list(metrics)), ("params", list(params))):
+        size = BATCH_LIMITS[kind]
+        for start in range(0, len(items), size):
+            mlflow_client.log_batch(run_id, **{kind: items[start:start + size]})
+
+
 @names_an_unreachable_server
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    client = MlflowClient(uri)
-    for start in range(0, len(items), 100):  # MLflow's batch limit
-        client.log_batch(run_id, params=items[start:start + 100])
+    send_batch(client(uri), run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
 @names_an_unreachable_server
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    client = MlflowClient(uri)
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value), step=step)
+    send_batch(client(uri), run_id, metrics=metric_entities(metrics, step))
 
 
 @names_an_unreachable_server
 def log_artifacts(uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
-    client = MlflowClient(uri)
+    mlflow_client = client(uri)
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 @names_an_unreachable_server
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient(uri).set_terminated(run_id, status=status)
+    client(uri).set_terminated(run_id, status=status)
 
 
 def end_run_if_reachable(uri: str, run_id: str, status: str) -> None:
@@ -146,31 +166,93 @@ def end_run_if_reachable(uri: str, run_id: str, status: str) -> None:
 
 
 def bounded_retries() -> dict[str, str]:
-    """MLflow's client retries a dead server for minutes per call by default; a pipeline step should say
-    the server is gone within seconds. Sets the defaults here and returns them for Ray's workers."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    return {name: os.environ[name] for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")}
+    """Apply ``RETRY_POLICY`` (a user's own MLFLOW_HTTP_REQUEST_* variables win) and return it, for the
+    runtime environment of Ray's workers."""
+    for name, value in RETRY_POLICY.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in RETRY_POLICY}
 
 
 @names_an_unreachable_server
 def close_children(uri: str, experiment_id: str, parent_run_id: str, name_prefix: str,
                    finished: set[str]) -> None:
     """Mark the child runs named ``name_prefix*`` FINISHED if their name is in ``finished``, else FAILED."""
-    client = MlflowClient(uri)
-    runs = client.search_runs([experiment_id], filter_string=(
+    mlflow_client = client(uri)
+    runs = mlflow_client.search_runs([experiment_id], filter_string=(
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.run_name LIKE '{name_prefix}%'"))
     for run in runs:
-        client.set_terminated(run.info.run_id, status="FINISHED" if run.info.run_name in finished else "FAILED")
+        mlflow_client.set_terminated(run.info.run_id, status="FINISHED" if run.info.run_name in finished else "FAILED")
 
 
-def require_sent(uri: str, run_id: str, last_report: dict[str, Any], checkpoints: str) -> None:
+def require_sent(uri: str, run_id: str, unsent: int, checkpoints: str) -> None:
     """Fail the step if training could not send all its figures to MLflow: a model must not be registered
     from a run whose record is incomplete. The checkpoints stay: a rerun resumes from the last one and logs
     the epochs it holds into its new run."""
-    unsent = int(last_report.get("mlflow/unsent", 0))
     if unsent:
         raise TrackingError(f"MLflow tracking server {uri} stopped answering during training and {unsent} of run "
                             f"{run_id}'s logging calls could not be sent; the checkpoints are kept in {checkpoints}: "
                             "rerun the same command once the server is back (training resumes from its last "
                             "checkpoint and nothing is registered until then)")
+
+
+class BufferedRunLogger:
+    """Training's MLflow logging, from world rank 0 only, into the run the driver created.
+
+    A tracking server that goes away must not stop training: whatever cannot be sent is kept, in order,
+    and sent before the next epoch's figures once the server answers again. ``unsent()`` counts what is
+    still held; the driver fails the step with a clear error instead of registering a model whose run
+    lacks them.
+    """
+
+    def __init__(self, uri: str, run_id: str, enabled: bool):
+        self.enabled = enabled and bool(run_id)
+        self.uri, self.run_id = uri, run_id
+        self.pending: list[Callable[[], None]] = []
+        self.outage_reported = False
+        self.client = client(uri) if self.enabled else None
+
+    def log_nodes(self, nodes: list[str]) -> None:
+        self._send(lambda: self.client.set_tag(self.run_id, "train.node_ids", ",".join(nodes)),
+                   lambda: self.client.log_param(self.run_id, "train.num_nodes", len(set(nodes))))
+
+    def log_epoch(self, summary: dict[str, float], epoch: int, pngs: list[Path]) -> None:
+        metrics = metric_entities(summary, epoch)
+        self._send(lambda: send_batch(self.client, self.run_id, metrics=metrics),
+                   *(self._artifact(png, f"epoch_{epoch:03d}") for png in pngs))
+
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """A rerun of the pipeline resumes into a new MLflow run: give it the epochs its checkpoint holds
+        (a worker restart resumes into the same run, which has them already)."""
+        def send() -> None:
+            if "epoch" not in self.client.get_run(self.run_id).data.metrics:
+                send_batch(self.client, self.run_id,
+                           metrics=[m for h in history for m in metric_entities(h, int(h["epoch"]))])
+        if history:
+            self._send(send)
+
+    def unsent(self) -> int:
+        return len(self.pending)
+
+    def _artifact(self, png: Path, folder: str) -> Callable[[], None]:
+        def send() -> None:
+            self.client.log_artifact(self.run_id, str(png), artifact_path=folder)
+            os.unlink(png)
+        return send
+
+    def _send(self, *calls: Callable[[], None]) -> None:
+        if not self.enabled:
+            return
+        self.pending.extend(calls)
+        while self.pending:
+            try:
+                self.pending[0]()
+            except (MlflowException, OSError) as err:  # requests' errors are OSErrors; either means "not now"
+                if not self.outage_reported:
+                    print(f"[train] MLflow at {self.uri} is not answering ({type(err).__name__}); training goes on "
+                          "and its figures are sent once it is back", flush=True)
+                self.outage_reported = True
+                return
+            self.pending.pop(0)
+        if self.outage_reported:
+            print(f"[train] MLflow at {self.uri} is back; buffered figures sent", flush=True)
+            self.outage_reported = False

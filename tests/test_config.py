@@ -2,7 +2,9 @@
 import dataclasses
 
 import pytest
+import yaml
 
+from pipelines.config import CONFIG_DIR, PipelineConfig, flatten
 from vaegan.config import ConfigError, VAEGANConfig, from_dict
 
 
@@ -32,3 +34,11 @@ def test_ints_are_accepted_for_floats():
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(VAEGANConfig, data)
+
+
+def test_shipped_configs_hold_only_what_differs_from_the_defaults():
+    """One source of truth: a YAML value equal to its default would be a second home for that default."""
+    defaults = flatten(dataclasses.asdict(PipelineConfig()))
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        restated = [k for k, v in flatten(yaml.safe_load(path.read_text())).items() if defaults.get(k) == v]
+        assert not restated, f"{path.name} restates defaults: {restated}"

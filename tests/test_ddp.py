@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipelines.train import _ddp  # the product's per-network DDP wrapping
+from pipelines.worker import ddp  # the product's per-network DDP wrapping
 from vaegan.nets import build_nets
 from vaegan.step import StepNoise, VAEGANTrainer, unwrap
 
@@ -63,7 +63,7 @@ def rank_main(rank: int, init_file: str, out: str) -> None:
         results = []
         for case in CASES:
             torch.manual_seed(0)
-            nets = [_ddp(m, torch.device("cpu")) for m in build_nets(case_config(*case).model)]
+            nets = [ddp(m, torch.device("cpu")) for m in build_nets(case_config(*case).model)]
             results.append(step_and_collect(VAEGANTrainer(case_config(*case), *nets), *half(rank, *whole_batch())))
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

@@ -152,19 +152,20 @@ def nan_run_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("nan-run")
 
 
-def run_injected(run_dir: Path, mlflow_server: str, *overrides: str):
+def run_injected(run_dir: Path, mlflow_server: str, poisoned: tuple[int, int], *overrides: str):
+    """The train step with the losses of train steps [start, start + steps) made NaN (tests/hooks)."""
     from conftest import run_cli
+    from hooks.nonfinite import poisoned_env
     args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), "--steps",
             "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "register.experiment=faults",
             "--set", "train.max_bad_steps=3", "--set", "train.max_failures=0"]
     for override in overrides:
         args += ["--set", override]
-    return run_cli(*args, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    return run_cli(*args, env={"MLFLOW_TRACKING_URI": mlflow_server, **poisoned_env(*poisoned)})
 
 
 def test_injected_non_finite_losses_are_skipped_counted_and_rolled_back(nan_run_dir, mlflow_server):
-    done = run_injected(nan_run_dir, mlflow_server, "train.inject_nonfinite_from=5",
-                        "train.inject_nonfinite_steps=4")
+    done = run_injected(nan_run_dir, mlflow_server, (5, 4))
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads(next(nan_run_dir.glob("train-*/history.json")).read_text())
     assert history[-1]["guard/nonfinite_skipped"] == 4  # 3 in a row trigger the rollback, the 4th is skipped after it
@@ -174,8 +175,7 @@ def test_injected_non_finite_losses_are_skipped_counted_and_rolled_back(nan_run_
 
 def test_a_persistent_divergence_fails_clearly_after_the_allowed_rollbacks(nan_run_dir, mlflow_server):
     published = {p: p.stat().st_mtime_ns for p in nan_run_dir.glob("*-*/**/*")}
-    done = run_injected(nan_run_dir, mlflow_server, "train.inject_nonfinite_from=0",
-                        "train.inject_nonfinite_steps=100000", "train.max_rollbacks=2")
+    done = run_injected(nan_run_dir, mlflow_server, (0, 100000), "train.max_rollbacks=2")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "train.max_rollbacks=2" in errors[0] and "train.max_bad_steps=3" in errors[0], errors

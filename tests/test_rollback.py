@@ -4,10 +4,11 @@ import copy
 import pytest
 import torch
 
+from hooks.nonfinite import poison
 from test_step import make_trainer, tiny_config
 from vaegan.checkpoint import load_checkpoint, save_checkpoint
 from vaegan.config import ConfigError, VAEGANConfig, from_dict
-from vaegan.step import NonFiniteLossError
+from vaegan.guard import NonFiniteLossError
 
 BASE_LR = 2e-4
 NETWORKS = ("enc", "dec", "dis")
@@ -17,8 +18,9 @@ def injecting_trainer(start: int, steps: int, max_bad_steps: int = 3, max_rollba
     cfg = tiny_config()
     cfg.train.ema_decay = 0.9  # so that the decoder EMA takes part in the rollback too
     cfg.train.max_bad_steps, cfg.train.max_rollbacks = max_bad_steps, max_rollbacks
-    cfg.train.inject_nonfinite_from, cfg.train.inject_nonfinite_steps = start, steps
-    return make_trainer(cfg)
+    trainer = make_trainer(cfg)
+    poison(trainer, start, steps)
+    return trainer
 
 
 def run(trainer, steps: int) -> list[dict[str, float]]:
@@ -48,7 +50,7 @@ def test_a_short_burst_is_skipped_counted_and_training_goes_on():
     assert all(m["guard/rollbacks"] == 0 for m in skipped)
     assert_same(weights(trainer), before)
     good = run(trainer, 1)[0]
-    assert trainer.bad_steps == 0 and trainer.step == 4 and trainer.counters["rollbacks"] == 0
+    assert trainer.guard.bad_steps == 0 and trainer.step == 4 and trainer.all_counters()["rollbacks"] == 0
     assert all(torch.isfinite(torch.tensor(v)) for v in good.values())
     assert any(not torch.equal(before["dec"][k], v) for k, v in trainer.state_dict()["dec"].items())
 
@@ -56,7 +58,7 @@ def test_a_short_burst_is_skipped_counted_and_training_goes_on():
 def test_a_long_burst_rolls_back_once_with_a_lower_lr_and_training_recovers():
     trainer = injecting_trainer(start=3, steps=3)
     run(trainer, 3)
-    trainer.mark_good()  # what the training loop does when it writes a checkpoint
+    trainer.guard.mark_good(trainer.state_dict())  # what the training loop does when it writes a checkpoint
     good = copy.deepcopy(trainer.state_dict())
     metrics = run(trainer, 3)  # the third consecutive bad step rolls back
     assert metrics[-1]["guard/rollbacks"] == 1 and metrics[-1]["guard/nonfinite_skipped"] == 3
@@ -65,12 +67,12 @@ def test_a_long_burst_rolls_back_once_with_a_lower_lr_and_training_recovers():
     assert learning_rates(trainer) == pytest.approx([BASE_LR * 0.5] * 3)
     after = run(trainer, 3)  # the injection window lies behind the executed-step count now
     assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in after)
-    assert trainer.step == 6 and trainer.counters["nonfinite_skipped"] == 3 and trainer.counters["rollbacks"] == 1
+    assert trainer.step == 6 and trainer.all_counters()["nonfinite_skipped"] == 3 and trainer.all_counters()["rollbacks"] == 1
 
     # A second burst after real updates: the snapshot was not disturbed by them, and the LR drops again.
-    trainer.cfg.train.inject_nonfinite_from = trainer.executed_steps
+    poison(trainer, trainer.executed_steps, 3)
     run(trainer, 3)
-    assert trainer.counters["rollbacks"] == 2 and trainer.step == 3
+    assert trainer.all_counters()["rollbacks"] == 2 and trainer.step == 3
     state = trainer.state_dict()
     for name in ("opt_enc", "opt_dec", "opt_dis"):
         assert_same(state[name]["state"], good[name]["state"])
@@ -82,7 +84,7 @@ def test_persistent_divergence_fails_after_max_rollbacks():
     with pytest.raises(NonFiniteLossError, match=r"after 2 rollbacks.*train\.max_rollbacks=2") as err:
         run(trainer, 100)
     assert "train.max_bad_steps=2" in str(err.value)
-    assert trainer.counters["rollbacks"] == 2 and trainer.executed_steps == 2 * 3
+    assert trainer.all_counters()["rollbacks"] == 2 and trainer.executed_steps == 2 * 3
     assert learning_rates(trainer) == pytest.approx([BASE_LR * 0.25] * 3)
 
 
@@ -96,17 +98,15 @@ def test_the_state_after_a_rollback_survives_a_weights_only_checkpoint(tmp_path)
     resumed = make_trainer(trainer.cfg, seed=5)
     resumed.load_state_dict(load_checkpoint(path))
     assert learning_rates(resumed) == pytest.approx([BASE_LR * 0.5] * 3)
-    assert resumed.counters == trainer.counters and resumed.executed_steps == 4
+    assert resumed.all_counters() == trainer.all_counters() and resumed.executed_steps == 4
     # The resumed state is the new rollback target, lowered LR included.
-    assert resumed.good_state["opt_dec"]["param_groups"][0]["lr"] == pytest.approx(BASE_LR * 0.5)
+    assert resumed.guard.good_state["opt_dec"]["param_groups"][0]["lr"] == pytest.approx(BASE_LR * 0.5)
 
 
 @pytest.mark.parametrize("train, message", [
     ({"max_rollbacks": -1}, "'train.max_rollbacks' has invalid value -1; allowed: an integer >= 0"),
     ({"rollback_lr_factor": 1}, r"'train.rollback_lr_factor' has invalid value 1.0; allowed: a number in \(0, 1\)"),
     ({"rollback_lr_factor": 0}, "'train.rollback_lr_factor' has invalid value 0.0"),
-    ({"inject_nonfinite_from": -2}, r"'train.inject_nonfinite_from' has invalid value -2; allowed: -1 \(off\)"),
-    ({"inject_nonfinite_steps": -1}, "'train.inject_nonfinite_steps' has invalid value -1; allowed: an integer >= 0"),
     ({"max_rollbacks": 1.5}, "'train.max_rollbacks' must be an integer"),
 ])
 def test_bad_rollback_settings_name_the_key(train, message):
@@ -115,7 +115,5 @@ def test_bad_rollback_settings_name_the_key(train, message):
 
 
 def test_rollback_settings_are_read_from_a_dict():
-    train = from_dict(VAEGANConfig, {"train": {"max_rollbacks": 0, "rollback_lr_factor": 0.1,
-                                               "inject_nonfinite_from": 0, "inject_nonfinite_steps": 5}}).train
-    assert (train.max_rollbacks, train.rollback_lr_factor, train.inject_nonfinite_from,
-            train.inject_nonfinite_steps) == (0, 0.1, 0, 5)
+    train = from_dict(VAEGANConfig, {"train": {"max_rollbacks": 0, "rollback_lr_factor": 0.1}}).train
+    assert (train.max_rollbacks, train.rollback_lr_factor) == (0, 0.1)

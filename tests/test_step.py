@@ -9,7 +9,8 @@ from vaegan.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vaegan.config import VAEGANConfig
 from vaegan.inference import GenerativeModel
 from vaegan.nets import build_nets
-from vaegan.step import NonFiniteLossError, VAEGANTrainer
+from vaegan.guard import NonFiniteLossError
+from vaegan.step import VAEGANTrainer
 
 
 def tiny_config(**loss) -> VAEGANConfig:
@@ -103,7 +104,7 @@ def test_nan_guard_skips_counts_and_then_fails_clearly():
         assert metrics["guard/nonfinite_skipped"] == expected_count
     assert all(torch.equal(before[k], v) for k, v in trainer.dec.state_dict().items())
     trainer.train_step(torch.rand(4, 1, 28, 28))  # a good step resets the consecutive count
-    assert trainer.bad_steps == 0
+    assert trainer.guard.bad_steps == 0
     for _ in range(2):
         trainer.train_step(bad)
     with pytest.raises(NonFiniteLossError, match="3 consecutive training steps had non-finite gradients"):

@@ -86,10 +86,6 @@ class TrainConfig:
     max_rollbacks: int = 3  # rollbacks to the last good checkpoint allowed before training fails
     rollback_lr_factor: float = 0.5  # each rollback multiplies every optimiser's learning rate by this
     amp: bool = True  # bf16 autocast, CUDA only
-    # FAULT INJECTION FOR TESTS ONLY: the train_step calls numbered [from, from + steps) in execution
-    # order (a count that rollbacks never rewind) get a NaN loss, so tests drive the real guard. -1: off.
-    inject_nonfinite_from: int = -1
-    inject_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         _require(self.epochs > 0, "train.epochs", self.epochs, "a positive integer")
@@ -101,10 +97,6 @@ class TrainConfig:
         _require(self.max_rollbacks >= 0, "train.max_rollbacks", self.max_rollbacks, "an integer >= 0")
         _require(0 < self.rollback_lr_factor < 1, "train.rollback_lr_factor", self.rollback_lr_factor,
                  "a number in (0, 1)")
-        _require(self.inject_nonfinite_from >= -1, "train.inject_nonfinite_from", self.inject_nonfinite_from,
-                 "-1 (off) or a step number >= 0")
-        _require(self.inject_nonfinite_steps >= 0, "train.inject_nonfinite_steps", self.inject_nonfinite_steps,
-                 "an integer >= 0")
 
 
 @dataclass

@@ -24,9 +24,8 @@ readies DDP's all-reduce (``ddp_sync``); the others run under ``no_sync``. Autog
 gradients of all of a network's forwards before it hands them to DDP, so DDP reduces the whole
 gradient, once. Nothing here knows about ranks or launchers.
 
-A step with non-finite gradients is skipped; ``train.max_bad_steps`` of them in a row roll the
-trainer back to the state of the last ``mark_good()`` (the last checkpoint) with every learning
-rate lowered, and training fails once ``train.max_rollbacks`` rollbacks did not help.
+Non-finite steps are the divergence guard's business (``guard.py``): the trainer asks it whether a
+step's gradient norms allow an update, and gives it ``restore`` to roll back with.
 """
 from __future__ import annotations
 
@@ -42,10 +41,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from . import losses
 from .config import OptimConfig, VAEGANConfig
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged: non-finite gradients persisted through every allowed rollback."""
+from .guard import DivergenceGuard
 
 
 @dataclass
@@ -104,17 +100,6 @@ def warmup_ema(decay: float):
     return update
 
 
-def cpu_copy(value: Any) -> Any:
-    """A deep copy of a (nested) state dict with every tensor cloned onto the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(cpu_copy(item) for item in value)
-    return value  # numbers, strings, None: immutable
-
-
 def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # fused: one kernel over all of a network's parameters (CPU and CUDA) instead of a loop over tensors;
     # a decoder Adam step takes a quarter of the time and the train step gains about 3% on the 2-core CPU
@@ -141,13 +126,13 @@ class VAEGANTrainer:
                         if decay > 0 else None)
         self.step = 0  # goes back on a rollback
         self.executed_steps = 0  # train_step calls so far; never goes back
-        self.bad_steps = 0  # consecutive non-finite steps
-        self.counters = {"nonfinite_skipped": 0, "dis_skipped": 0, "dec_skipped": 0, "rollbacks": 0}
+        self.counters = {"dis_skipped": 0, "dec_skipped": 0}  # the balance rule's decisions
+        self.guard = DivergenceGuard(cfg.train)
         # Each network's parameters, listed once: the ``inputs=`` of its loss's backward.
         self._parameters = {id(m): list(unwrap(m).parameters()) for m in self._networks()}
         for module in self._networks():
             module.requires_grad_(False)
-        self.mark_good()
+        self.guard.mark_good(self.state_dict())
 
     def _networks(self) -> list[nn.Module]:
         return [m for m in (self.enc, self.dec, self.dis) if m is not None]
@@ -266,12 +251,7 @@ class VAEGANTrainer:
             self._backward(loss, params, retain_graph=index < len(plan) - 1)
 
     def _backward(self, loss: torch.Tensor, inputs: list[torch.Tensor], retain_graph: bool) -> None:
-        # FAULT INJECTION FOR TESTS ONLY: a NaN loss gives NaN gradients, so the real guard catches it.
-        # It depends on executed_steps alone, so every DDP worker poisons the same steps.
-        train = self.cfg.train
-        injected = 0 <= train.inject_nonfinite_from <= self.executed_steps < (
-            train.inject_nonfinite_from + train.inject_nonfinite_steps)
-        (loss * float("nan") if injected else loss).backward(inputs=inputs, retain_graph=retain_graph)
+        loss.backward(inputs=inputs, retain_graph=retain_graph)
 
     # -- updates -----------------------------------------------------------------------------
 
@@ -286,7 +266,7 @@ class VAEGANTrainer:
         return losses.balance_decision(real_bce, fake_bce, margin)
 
     def _guard_and_step(self, update_dis: bool, update_dec: bool) -> dict[str, torch.Tensor]:
-        """Clip, skip the whole step on non-finite gradients, else step the chosen optimisers.
+        """Clip, let the guard skip the whole step on non-finite gradients, else step the chosen optimisers.
 
         Gradients are checked after DDP's all-reduce, so every worker sees the same norms
         and takes the same decision.
@@ -295,10 +275,11 @@ class VAEGANTrainer:
         named = [("enc", self.enc, self.opt_enc), ("dec", self.dec, self.opt_dec), ("dis", self.dis, self.opt_dis)]
         norms = {f"grad_norm/{name}": nn.utils.clip_grad_norm_(unwrap(module).parameters(), max_norm)
                  for name, module, _ in named if module is not None}
-        finite = bool(torch.isfinite(torch.stack(list(norms.values()))).all())
-        if not finite:
-            return self._skip_nonfinite(norms)
-        self.bad_steps = 0
+        if not self.guard.allows(norms):
+            for opt in self._optimizers():
+                opt.zero_grad(set_to_none=True)
+            self.guard.skip(self, norms)
+            return {**norms, **self._counter_metrics()}
         self.opt_enc.step()
         if update_dec:
             self.opt_dec.step()
@@ -310,44 +291,13 @@ class VAEGANTrainer:
         self.counters["dis_skipped"] += int(self.dis is not None and not update_dis)
         return {**norms, **self._counter_metrics()}
 
-    def _skip_nonfinite(self, norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for opt in self._optimizers():
-            opt.zero_grad(set_to_none=True)
-        self.bad_steps += 1
-        self.counters["nonfinite_skipped"] += 1
-        train = self.cfg.train
-        if self.bad_steps >= train.max_bad_steps:
-            if self.counters["rollbacks"] >= train.max_rollbacks:
-                raise NonFiniteLossError(
-                    f"{self.bad_steps} consecutive training steps had non-finite gradients (at step {self.step}; "
-                    f"norms {({k: float(v) for k, v in norms.items()})}) after {self.counters['rollbacks']} "
-                    f"rollbacks to the last good checkpoint, each multiplying the learning rates by "
-                    f"{train.rollback_lr_factor}; limits train.max_bad_steps={train.max_bad_steps}, "
-                    f"train.max_rollbacks={train.max_rollbacks}. Lower the learning rates, keep "
-                    "train.grad_clip > 0, enable model.spectral_norm or raise train.max_rollbacks.")
-            self._rollback()
-        return {**norms, **self._counter_metrics()}
-
-    def _rollback(self) -> None:
-        """Back to the last good state with every learning rate lowered; counters keep counting."""
-        lowered = [[group["lr"] * self.cfg.train.rollback_lr_factor for group in opt.param_groups]
-                   for opt in self._optimizers()]
-        # A fresh copy: optimisers adopt loaded CPU tensors as their own state and update them in place.
-        self._restore(cpu_copy(self.good_state))
-        for opt, lrs in zip(self._optimizers(), lowered):
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr
-        self.bad_steps = 0
-        self.counters["rollbacks"] += 1
-
     def _counter_metrics(self) -> dict[str, torch.Tensor]:
-        return {f"guard/{k}": torch.tensor(float(v)) for k, v in self.counters.items()}
+        return {f"guard/{k}": torch.tensor(float(v)) for k, v in self.all_counters().items()}
+
+    def all_counters(self) -> dict[str, int]:
+        return {**self.guard.counters, **self.counters}
 
     # -- state -------------------------------------------------------------------------------
-
-    def mark_good(self) -> None:
-        """Remember the current state (on the CPU) as the one a divergence rolls back to."""
-        self.good_state = cpu_copy(self.state_dict())
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers only, so checkpoints load with ``torch.load(weights_only=True)``."""
@@ -358,7 +308,7 @@ class VAEGANTrainer:
             "opt_dec": self.opt_dec.state_dict(),
             "step": self.step,
             "executed_steps": self.executed_steps,
-            "counters": dict(self.counters),
+            "counters": self.all_counters(),
         }
         if self.dis is not None:
             state["dis"] = unwrap(self.dis).state_dict()
@@ -370,13 +320,16 @@ class VAEGANTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from ``state`` (a checkpoint), which becomes the rollback target."""
-        self._restore(state)
+        self.restore(state)
         self.executed_steps = int(state.get("executed_steps", state["step"]))  # checkpoints from before rollbacks
-        self.counters.update(state["counters"])
-        self.mark_good()
+        self.counters.update({k: state["counters"][k] for k in self.counters})
+        self.guard.load_counters(state["counters"])
+        self.guard.mark_good(self.state_dict())
 
-    def _restore(self, state: dict) -> None:
-        """Weights, optimiser states (learning rates included) and the step; not the counters."""
+    def restore(self, state: dict, lr_factor: float = 1.0) -> None:
+        """Weights, optimiser states and the step (not the counters); every learning rate times ``lr_factor``
+        (the guard's rollback lowers them)."""
+        lowered = [[group["lr"] * lr_factor for group in opt.param_groups] for opt in self._optimizers()]
         unwrap(self.enc).load_state_dict(state["enc"])
         unwrap(self.dec).load_state_dict(state["dec"])
         self.opt_enc.load_state_dict(state["opt_enc"])
@@ -388,3 +341,7 @@ class VAEGANTrainer:
             self.dec_ema.module.load_state_dict(state["dec_ema"])
             self.dec_ema.n_averaged.fill_(state["ema_updates"])
         self.step = int(state["step"])
+        if lr_factor != 1.0:
+            for opt, lrs in zip(self._optimizers(), lowered):
+                for group, lr in zip(opt.param_groups, lrs):
+                    group["lr"] = lr

@@ -1,0 +1,51 @@
+"""The Ray cluster the pipeline runs on: join the one at RAY_ADDRESS or start a local one sized to this
+machine, and refuse up front a Train run that a local Ray could never place."""
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from vaegan.config import ConfigError
+
+from . import tracking
+from .config import PipelineConfig
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray has: the running one's resources, else what ``connect_ray`` will give a new one,
+    every CPU and every GPU torch sees, so it can be checked before Ray starts."""
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+
+
+def connect_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine; returns
+    whether the cluster is a local one of fixed size (no autoscaler will add nodes)."""
+    local = not os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return local
+    # Ray Train otherwise prints every worker line twice; Ray's workers talk to MLflow as the driver does.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}}
+    if local:
+        have = local_resources()
+        ray.init(num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env)
+    else:
+        ray.init(runtime_env=runtime_env)
+    return local
+
+
+def check_fits_local_ray(cfg: PipelineConfig, have: dict[str, float]) -> None:
+    """A local Ray never grows: refuse a Train run it cannot place, instead of waiting forever."""
+    cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if cpus > have.get("CPU", 0):
+        raise ConfigError(f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {cfg.train.num_workers} x "
+                          f"{cfg.train.cpus_per_worker} = {cpus} CPUs, but this machine's Ray has "
+                          f"{int(have.get('CPU', 0))}; allowed: at most that many "
+                          "(or set RAY_ADDRESS to a bigger cluster)")
+    if cfg.train.use_gpu and cfg.train.num_workers > have.get("GPU", 0):
+        raise ConfigError(f"config key 'train.num_workers' = {cfg.train.num_workers} GPU workers (train.use_gpu), but "
+                          f"this machine's Ray has {int(have.get('GPU', 0))} GPUs; allowed: at most that many, "
+                          "or train.use_gpu=false")

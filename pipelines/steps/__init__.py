@@ -1,0 +1,13 @@
+"""The DAG's steps, one module each, in execution order. Adding a step is one new module here plus its
+name in ``STEPS``; ``pipelines/dag.py`` runs whatever this list names.
+
+Every step module has the same shape (``preprocess.py`` is the shortest to read):
+
+    Inputs     a dataclass whose fields name the upstream steps, typed by their ``Outputs``
+    CACHE_KEY  the config sections (or dotted keys) the step's outputs depend on
+    Outputs    a ``StepOutputs`` dataclass: what the step hands downstream, stored as outputs.json
+    run(cfg, ctx, inputs, out) -> Outputs    does the work, writing files into the folder ``out``
+
+Importing this package imports no step (the CLI lists the names without loading torch or Ray).
+"""
+STEPS = ("preprocess", "tune", "train", "evaluate", "register")

@@ -1,0 +1,69 @@
+"""DAG step 1, preprocess (Ray Data): source images -> Parquet shards + manifest.
+
+Inputs:  none; ``data.source`` names an IDX folder ("" finds Fashion-MNIST), an image folder or Parquet.
+Outputs: ``split=<train|val|test>/*.parquet`` and ``manifest.json`` (counts, image shape, fingerprint,
+         per-channel statistics); see ``pipelines/preprocess.py`` for the row format.
+Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess``
+
+The feature net that every FID of this dataset uses (per-epoch validation, trials, evaluation) belongs
+to the dataset, so its loader lives here too: trained once on the train split, cached by fingerprint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaegan.featnet import feature_net_path, load_or_train_feature_net
+
+from .. import preprocess as shards
+from ..config import EvalConfig, PipelineConfig
+from ..context import RunContext, StepOutputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    pass
+
+
+CACHE_KEY = ("data", "model.image_size", "model.channels")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Outputs(StepOutputs):
+    manifest: dict[str, Any]
+
+    @property
+    def image_shape(self) -> list[int]:
+        return self.manifest["image_shape"]
+
+    def split_dir(self, split: str) -> Path:
+        return self.path / f"split={split}"
+
+    def images(self, split: str, limit: int = 0) -> torch.Tensor:
+        """Up to ``limit`` images of ``split`` (0: all), float32 (N, C, H, W) in [0, 1]."""
+        images, _ = shards.read_split(self.split_dir(split), self.image_shape, limit=limit)
+        return torch.from_numpy(images).float() / 255.0
+
+    def feature_net(self, data_dir: str, cfg: EvalConfig) -> tuple[Path, str]:
+        """The domain feature net of this dataset (path, name): trained on its train split once, then
+        cached under ``<data_dir>/featnets`` by the data fingerprint."""
+        cache, fingerprint = Path(data_dir) / "featnets", self.manifest["fingerprint"]
+        images, labels = shards.read_split(self.split_dir("train"), self.image_shape)
+        test_images, test_labels = shards.read_split(self.split_dir("test"), self.image_shape)
+        labelled = bool(self.manifest["classes"]) and (labels >= 0).all()
+        _, name = load_or_train_feature_net(
+            cache, fingerprint, torch.from_numpy(images), torch.from_numpy(labels) if labelled else None,
+            num_classes=max(len(self.manifest["classes"]), 1), test_images=torch.from_numpy(test_images),
+            test_labels=torch.from_numpy(test_labels), epochs=cfg.featnet_epochs,
+            log=lambda line: print(f"[featnet] {line}", flush=True))
+        return feature_net_path(cache, fingerprint), name
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
+    manifest = shards.run(cfg.data, cfg.model, out)
+    print(f"[preprocess] {manifest['counts']} images of shape {manifest['image_shape']}, "
+          f"fingerprint {manifest['fingerprint']}", flush=True)
+    return Outputs(manifest=manifest, folder=str(out))

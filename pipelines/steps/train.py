@@ -1,0 +1,86 @@
+"""DAG step 3, train (Ray Train): DDP training of the VAE-GAN over the Parquet shards.
+
+Inputs:  the preprocess step's shards and feature net (for the per-epoch validation FID), and the tune
+         step's best overrides, applied to the config.
+Outputs: ``checkpoint.pt`` (the best checkpoint by validation FID), ``history.json`` (per-epoch figures),
+         ``samples.png``, ``reconstructions.png``, ``interpolation.png`` and ``loss_curves.png``, all
+         logged to the step's MLflow run ``train-<key>``.
+Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess,tune,train``
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import save_image
+
+from vaegan.checkpoint import CHECKPOINT_NAME
+from vaegan.config import from_dict
+from vaegan.inference import GenerativeModel
+
+from .. import plots, tracking
+from ..config import PipelineConfig, flatten, merge
+from ..context import RunContext, StepOutputs
+from ..training import SCORE, best_checkpoint_state, fit_tracked
+from ..worker import save_grids
+from . import preprocess, tune
+
+
+@dataclasses.dataclass
+class Inputs:
+    preprocess: preprocess.Outputs
+    tune: tune.Outputs
+
+
+CACHE_KEY = ("model", "loss", "opt_enc", "opt_dec", "opt_dis", "train")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Outputs(StepOutputs):
+    checkpoint: str  # file name in the step's folder
+    mlflow_run_id: str
+    best_epoch: int
+    epochs_run: int
+    val_fid: float | None
+    faults: dict[str, float]  # restarts, steps_redone, recovery_seconds
+    config: dict[str, Any]  # the resolved config it trained with (tune's overrides applied)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / self.checkpoint
+
+    def trained_config(self) -> PipelineConfig:
+        return from_dict(PipelineConfig, self.config)
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
+    cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), inputs.tune.overrides))
+    data = inputs.preprocess
+    featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
+    outcome, run_id = fit_tracked(cfg, ctx, data.path, data.image_shape, featnet_path,
+                                  name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)))
+    tracking.require_sent(ctx.tracking_uri, run_id, outcome.mlflow_unsent, outcome.result.path)
+    state = best_checkpoint_state(outcome.result)
+    torch.save(state, out / CHECKPOINT_NAME)
+    history = json.loads(state["history"])
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    pngs = write_grids(GenerativeModel.from_checkpoint(state), data, out)
+    pngs.append(plots.loss_curves(history, out / "loss_curves.png"))
+    tracking.log_artifacts(ctx.tracking_uri, run_id, [*pngs, out / "history.json"])
+    tracking.end_run(ctx.tracking_uri, run_id)
+    best_epoch = int(state["epoch"])
+    return Outputs(checkpoint=CHECKPOINT_NAME, mlflow_run_id=run_id, best_epoch=best_epoch, epochs_run=len(history),
+                   val_fid=history[best_epoch - 1].get(SCORE), faults=outcome.faults,
+                   config=dataclasses.asdict(cfg), folder=str(out))
+
+
+def write_grids(model: GenerativeModel, data: preprocess.Outputs, out: Path, seed: int = 0,
+                split: str = "test") -> list[Path]:
+    """samples.png, reconstructions.png and interpolation.png (a latent walk between two of the split's
+    images); the split's first 32 images are the fixed set that gets reconstructed."""
+    originals = data.images(split, limit=32)
+    save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
+    return [*save_grids(model, originals, out, seed), out / "interpolation.png"]

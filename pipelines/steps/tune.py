@@ -1,0 +1,46 @@
+"""DAG step 2, tune (Ray Tune over Ray Train): search loss weights and learning rates.
+
+Inputs:  the preprocess step's shards and feature net; the config's ``tune`` section.
+Outputs: the best trial's ``overrides`` (which the train step applies), and the sweep report
+         ``trials.csv`` / ``trials.md`` / ``trials.png`` (one row per trial). The sweep itself is ``tune/``'s.
+Run it:  ``vaegan sweep --config pipelines/configs/smoke.yaml``
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from tune import sweep
+
+from ..config import PipelineConfig
+from ..context import RunContext, StepOutputs
+from . import preprocess
+
+
+@dataclasses.dataclass
+class Inputs:
+    preprocess: preprocess.Outputs
+
+
+# Everything a trial trains with, and the search budget (data and evaluation are upstream or downstream).
+CACHE_KEY = ("model", "loss", "opt_enc", "opt_dec", "opt_dis", "train", "tune")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Outputs(StepOutputs):
+    enabled: bool
+    overrides: dict[str, Any]  # nested like the config; {} when the sweep is off
+    best_score: float | None = None
+    trials: int = 0
+    trial_epochs: int = 0
+    report: list[str] = dataclasses.field(default_factory=list)
+
+
+def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
+    if not cfg.tune.enabled:
+        return Outputs(enabled=False, overrides={}, folder=str(out))
+    data = inputs.preprocess
+    featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
+    outcome = sweep.run(cfg, ctx, data.path, data.image_shape, featnet_path, out)
+    return Outputs(enabled=True, folder=str(out), **dataclasses.asdict(outcome))

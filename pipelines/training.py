@@ -1,0 +1,107 @@
+"""Ray Train from the driver: one training run of the config over the preprocess step's shards.
+
+``fit`` starts a ``TorchTrainer`` (DDP over ``train.num_workers`` workers, gloo on CPUs, NCCL on GPUs)
+whose workers run ``worker.train_loop_per_worker``; rerunning it with the same name resumes from the
+latest checkpoint in Ray's storage. The train step, its baseline VAE and every Tune trial call it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vaegan.guard import NonFiniteLossError
+
+from . import tracking
+from .config import PipelineConfig
+from .context import RunContext
+from .faults import ledger_path, read_ledger
+from .worker import SCORE, TrainJob, train_loop_per_worker
+
+__all__ = ["SCORE", "TrainOutcome", "best_checkpoint_state", "fit", "fit_tracked", "worker_resources"]
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """A finished training run: Ray's result and what rank 0's ledger recorded."""
+
+    result: ray.train.Result
+    faults: dict[str, float]  # restarts, steps_redone, recovery_seconds
+    mlflow_unsent: int
+
+
+def worker_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """What each Train worker reserves: ``cpus_per_worker`` CPUs (Ray sets OMP_NUM_THREADS, hence torch's
+    thread count, from it) and one GPU when ``use_gpu``."""
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+
+
+def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_path: Path, *, name: str,
+        storage: Path, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
+        callbacks: list | None = None) -> TrainOutcome:
+    """One Ray Train run; rerunning with the same ``name`` and ``storage`` resumes from its latest checkpoint."""
+    dataset = ray.data.read_parquet(str(data_dir / "split=train"), columns=["image"])
+    if train_limit:
+        dataset = dataset.limit(train_limit)
+    if cfg.train.num_workers * cfg.train.cpus_per_worker >= ray.cluster_resources().get("CPU", 0) \
+            and not cfg.train.use_gpu:
+        # The workers would hold every CPU and Ray Data's read tasks could never run: read it all up front
+        # (the object store spills to disk beyond memory) rather than deadlock mid-stream.
+        dataset = dataset.materialize()
+    ledger = ledger_path(storage, name)
+    job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
+                   featnet_path=str(featnet_path), ledger_path=str(ledger), tracking_uri=tracking_uri,
+                   mlflow_run_id=mlflow_run_id)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(job),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage), callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
+                                               checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    record = read_ledger(ledger)
+    if record.get("diverged"):
+        # Consumed: a rerun (e.g. with lower learning rates) must not be failed by this run's verdict.
+        ledger.unlink()
+        raise NonFiniteLossError(record["diverged"])
+    return TrainOutcome(result=result, mlflow_unsent=int(record.get("mlflow_unsent", 0)),
+                        faults={k: record[k] for k in ("restarts", "steps_redone", "recovery_seconds") if k in record})
+
+
+def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[int], featnet_path: Path,
+                *, name: str, params: dict[str, Any], train_limit: int = 0, callbacks: list | None = None,
+                status_on_error: str | None = "FAILED") -> tuple[TrainOutcome, str]:
+    """``fit`` inside a new MLflow child run of the pipeline's run; returns the outcome and the run id,
+    still open for the caller's artifacts. If training raises, the run is marked ``status_on_error``;
+    None leaves it to the caller (Tune tears an early-stopped trial down mid-fit, which is no failure)."""
+    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, name, ctx.parent_run_id, params=params)
+    try:
+        outcome = fit(cfg, data_dir, image_shape, featnet_path, name=name, storage=Path(ctx.run_dir) / "ray",
+                      tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id, train_limit=train_limit,
+                      callbacks=callbacks)
+    except BaseException:
+        if status_on_error:
+            tracking.end_run_if_reachable(ctx.tracking_uri, run_id, status_on_error)
+        raise
+    return outcome, run_id
+
+
+def best_checkpoint_state(result: ray.train.Result) -> dict[str, Any]:
+    """The best checkpoint by validation FID (the latest if none was scored), loaded from Ray's storage."""
+    checkpoint = result.get_best_checkpoint(metric=SCORE, mode="min") or result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"training run {result.path} finished without a checkpoint: {result.error}")
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / CHECKPOINT_NAME)

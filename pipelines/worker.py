@@ -1,0 +1,193 @@
+"""The Ray Train worker: one DDP rank of a training run (``train_loop_per_worker``).
+
+Each rank builds the nets from the config, wraps each network in its own DDP, streams its shard of
+the train split, and reports once per epoch; world rank 0 alone writes the checkpoint, the ledger
+(``faults.py``) and the MLflow record (``tracking.BufferedRunLogger``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.utils import save_image
+
+from vaegan import metrics
+from vaegan.checkpoint import CHECKPOINT_NAME, checkpoint_payload, load_checkpoint, save_checkpoint
+from vaegan.config import from_dict
+from vaegan.evaluate import sample_quality
+from vaegan.featnet import load_feature_net
+from vaegan.guard import NonFiniteLossError
+from vaegan.inference import GenerativeModel
+from vaegan.loop import epoch_log_line, train_epoch
+from vaegan.nets import build_nets
+from vaegan.step import VAEGANTrainer
+
+from .config import PipelineConfig
+from .faults import FaultLedger
+from .preprocess import read_split
+from .tracking import BufferedRunLogger
+
+SCORE = "val/fid"  # lower is better; the one metric that picks checkpoints, trials and champions
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """Everything a worker needs, sent across the Ray boundary as a plain dict."""
+
+    config: dict[str, Any]
+    data_dir: str
+    image_shape: list[int]
+    featnet_path: str
+    ledger_path: str
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""
+
+
+def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
+    job = TrainJob(**job_dict)
+    cfg = from_dict(PipelineConfig, job.config)  # [0] the config crossed the Ray boundary as a dict
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    enc, dec, dis = (m.to(device) if m is not None else None for m in build_nets(cfg.model))
+    if world > 1:  # [2] wrap each network in its own DDP, as stylegan2-ada does
+        enc, dec, dis = (ddp(m, device) for m in (enc, dec, dis))
+    trainer = VAEGANTrainer(cfg.core(), enc, dec, dis)
+    start_epoch, history = resume(trainer)
+    ledger = FaultLedger(Path(job.ledger_path), trainer.step, writer=rank == 0)
+    torch.manual_seed(cfg.train.seed + 1000 * rank + start_epoch)  # different noise per rank
+    validation = Validation(job, cfg)
+    logger = BufferedRunLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
+    logger.log_nodes(gather_node_ids(world))
+    logger.backfill(history)
+    if start_epoch > cfg.train.epochs:  # a rerun after the last checkpoint: hand that checkpoint back as the result
+        ledger.end_epoch(trainer.step, logger.unsent())
+        report(trainer, history[-1], history, start_epoch - 1, rank, checkpoint_now=True)
+        return
+    shard = ray.train.get_dataset_shard("train")  # [1] this worker's stream of the train split
+    best = min((h[SCORE] for h in history), default=float("inf"))
+    stale = 0
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
+        # and become float tensors here.
+        batches = (as_images(b["image"], job.image_shape, device)
+                   for b in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                               drop_last=True))
+        try:
+            summary = train_epoch(trainer, batches, after_step=ledger.record)
+        except NonFiniteLossError as err:
+            # Deterministic (every rank sees the same all-reduced norms, and a restart from the checkpoint
+            # would diverge the same way): end the run without a FailureConfig retry; the driver raises it.
+            ledger.give_up(str(err))
+            return
+        summary["images_per_s"] *= world  # the epoch's global throughput
+        summary.update(ledger.metrics())
+        summary["torch_threads"] = float(torch.get_num_threads())  # Ray sets OMP_NUM_THREADS to the worker's CPUs
+        model = GenerativeModel.from_checkpoint(checkpoint_payload(trainer))
+        val = validation.run(model)
+        summary.update(val)
+        summary["epoch"] = float(epoch)
+        history.append(summary)
+        improved = val[SCORE] < best
+        best, stale = (val[SCORE], 0) if improved else (best, stale + 1)
+        stop = cfg.train.patience > 0 and stale >= cfg.train.patience
+        if rank == 0:
+            print(f"[train] {epoch_log_line(epoch, summary, {k: v for k, v in val.items() if k != 'val/kid_std'})}",
+                  flush=True)
+        logger.log_epoch(summary, epoch, validation.grids(model) if rank == 0 else [])
+        ledger.end_epoch(trainer.step, logger.unsent())
+        checkpoint_now = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs or stop
+        if checkpoint_now:  # a persistent divergence rolls back to this state, on every rank alike
+            trainer.guard.mark_good(trainer.state_dict())
+        report(trainer, summary, history, epoch, rank, checkpoint_now)  # [3] report (+ checkpoint)
+        if stop:
+            if rank == 0:
+                print(f"[train] early stop at epoch {epoch}: {SCORE} did not improve for {stale} epochs", flush=True)
+            break
+
+
+def ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:
+    if module is None:
+        return None
+    # broadcast_buffers=False: spectral norm's power-iteration vectors are updated in every forward,
+    # and re-broadcasting them mid-step would clobber tensors that autograd still needs.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def as_images(column: Any, shape: list[int], device: torch.device) -> torch.Tensor:
+    """A column of raw uint8 (C, H, W) bytes -> float32 (B, C, H, W) in [0, 1] on ``device``."""
+    raw = b"".join(bytes(v) for v in column)
+    images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, *shape)
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 1, []
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
+    trainer.load_state_dict(state)
+    history = json.loads(state["history"])
+    print(f"[train] resumed from epoch {state['epoch']} (step {state['step']})", flush=True)
+    return int(state["epoch"]) + 1, history
+
+
+def gather_node_ids(world: int) -> list[str]:
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def report(trainer: VAEGANTrainer, summary: dict[str, float], history: list[dict[str, float]], epoch: int,
+           rank: int, checkpoint_now: bool) -> None:
+    """Every rank reports once per epoch; only rank 0 attaches the checkpoint."""
+    if not (checkpoint_now and rank == 0):
+        ray.train.report(summary)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        extra = {"epoch": epoch, "history": json.dumps(history)}
+        save_checkpoint(Path(folder) / CHECKPOINT_NAME, trainer, extra=extra)
+        ray.train.report(summary, checkpoint=Checkpoint.from_directory(folder))
+
+
+class Validation:
+    """Per-epoch held-out figures: ELBO on validation images and a small-sample domain FID."""
+
+    def __init__(self, job: TrainJob, cfg: PipelineConfig):
+        images, _ = read_split(Path(job.data_dir) / "split=val", job.image_shape, limit=cfg.train.val_images)
+        self.images = torch.from_numpy(images).float() / 255.0
+        self.featnet = load_feature_net(job.featnet_path)
+        self.seed = cfg.train.seed
+
+    def run(self, model: GenerativeModel) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.seed)
+        elbo = metrics.elbo(model.enc, model.dec, self.images, generator=generator).mean().item()
+        quality = sample_quality(self.featnet, self.images, model.sample(len(self.images), seed=self.seed))
+        return {"val/elbo": elbo, **{f"val/{k}": v for k, v in quality.items()}}
+
+    def grids(self, model: GenerativeModel) -> list[Path]:
+        """Sample and reconstruction grids as PNGs in a temporary folder (logged, then deleted)."""
+        return save_grids(model, self.images[:32], Path(tempfile.mkdtemp(prefix="vaegan-grids-")), self.seed)
+
+
+def save_grids(model: GenerativeModel, originals: torch.Tensor, folder: Path, seed: int) -> list[Path]:
+    """samples.png (8x8 prior samples) and reconstructions.png (each original beside its reconstruction)."""
+    pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (2N, C, H, W)
+    save_image(model.sample(64, seed=seed), folder / "samples.png", nrow=8)
+    save_image(pairs, folder / "reconstructions.png", nrow=8)
+    return [folder / "samples.png", folder / "reconstructions.png"]
