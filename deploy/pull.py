@@ -29,13 +29,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from vaegan.data import match_channels, resize_images
+from vaegan.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PYFUNC_CLASS = "VAEGANPyfunc"
 PREDICT_BATCH = 1024  # the pyfunc's per-request image cap
 
 
-class PullError(Exception):
+class PullError(UserError):
     """A model or input the user named cannot be used; the message says which and why."""
 
 

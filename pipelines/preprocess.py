@@ -31,6 +31,7 @@ from ray.data.extensions import ArrowTensorArray
 from ray.exceptions import UserCodeException
 
 from vaegan.config import ModelConfig
+from vaegan.errors import UserError
 
 from .config import DataConfig
 
@@ -39,7 +40,7 @@ BLOCK_ROWS = 2048
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff")
 
 
-class PreprocessError(ValueError, UserCodeException):
+class PreprocessError(UserError, ValueError, UserCodeException):
     """Source data that cannot be turned into the configured images; names the file or row. A
     UserCodeException, so Ray Data reports it as a fault in the data, without its internal traceback."""
 

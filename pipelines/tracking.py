@@ -18,13 +18,15 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vaegan.errors import UserError
+
 from .config import PipelineConfig
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow tracking server cannot be used; says which URI and why."""
 
 

@@ -15,12 +15,13 @@ import torch
 
 from .atomic import atomic_file
 from .config import VAEGANConfig, from_dict
+from .errors import UserError
 from .step import VAEGANTrainer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, or holds something other than plain weights."""
 
 

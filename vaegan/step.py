@@ -42,9 +42,10 @@ from torch.optim.swa_utils import AveragedModel
 
 from . import losses
 from .config import OptimConfig, VAEGANConfig
+from .errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training diverged: non-finite gradients persisted through every allowed rollback."""
 
 
