@@ -47,6 +47,7 @@ from vaegan.checkpoint import (
 from vaegan.config import from_dict
 from vaegan.evaluate import sample_quality
 from vaegan.featnet import load_feature_net
+from vaegan.imagerows import decode_rows_float, read_split
 from vaegan.inference import GenerativeModel
 from vaegan.loop import epoch_log_line, train_epoch
 from vaegan.nets import build_nets
@@ -54,7 +55,6 @@ from vaegan.step import NonFiniteLossError, VAEGANTrainer
 
 from . import tracking
 from .config import PipelineConfig
-from .preprocess import read_split
 
 SCORE = "val/fid"  # lower is better; the one metric that picks checkpoints, trials and champions
 
@@ -103,7 +103,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
         # and become float tensors here.
-        batches = (_as_images(b["image"], job.image_shape, device)
+        batches = (decode_rows_float(b["image"], job.image_shape, device)
                    for b in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                                drop_last=True))
         try:
@@ -146,13 +146,6 @@ def _ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Modul
     # and re-broadcasting them mid-step would clobber tensors that autograd still needs.
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
-
-
-def _as_images(column: Any, shape: list[int], device: torch.device) -> torch.Tensor:
-    """A column of raw uint8 (C, H, W) bytes -> float32 (B, C, H, W) in [0, 1] on ``device``."""
-    raw = b"".join(bytes(v) for v in column)
-    images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, *shape)
-    return images.to(device, non_blocking=True).float().div_(255.0)
 
 
 def _resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:
