@@ -36,7 +36,7 @@ from pythae.trainers import (
 )
 from pythae.trainers.training_callbacks import TrainingCallback
 
-from pipelines.preprocess import read_split
+from vaegan.imagerows import read_split
 from vaegan.checkpoint import save_checkpoint
 from vaegan.config import VAEGANConfig, from_dict
 from vaegan.nets import Decoder, Discriminator, Encoder, build_nets

@@ -162,7 +162,7 @@ def measure_ray(args, cfg, parts: dict[str, Any], scratch: Path) -> common.Prepa
 
 def measure_bare(args, cfg, data: common.PreparedData, parts: dict[str, Any]) -> None:
     """The bare loop at torch's default thread count and at the Ray Train worker's."""
-    from pipelines.preprocess import read_split
+    from vaegan.imagerows import read_split
     if "bare" not in args.parts:
         parts["bare"] = {"skipped": "not in --parts"}
         return

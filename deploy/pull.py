@@ -26,16 +26,16 @@ import torchvision
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from vaegan.data import match_channels, resize_images
+from vaegan.errors import UserError
+from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows_float, first_bad_row, is_image_file
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PYFUNC_CLASS = "VAEGANPyfunc"
 PREDICT_BATCH = 1024  # the pyfunc's per-request image cap
 
 
-class PullError(Exception):
+class PullError(UserError):
     """A model or input the user named cannot be used; the message says which and why."""
 
 
@@ -153,18 +153,17 @@ def _from_parquet(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
         column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
     except (KeyError, OSError, ValueError) as err:
         raise PullError(f"{path} is not a pipeline Parquet split with an 'image' column: {err}") from err
-    size = int(np.prod(shape))
-    bad = next((i for i, row in enumerate(column) if len(row) != size), None)
+    bad = first_bad_row(column, shape)
     if bad is not None:
-        raise PullError(f"{path} row {bad} holds an image of {len(column[bad])} bytes; allowed: {size} bytes, "
-                        f"one {tuple(shape)} uint8 image as the pipeline writes for this model")
-    return torch.from_numpy(np.frombuffer(b"".join(column), np.uint8).reshape(-1, *shape).astype(np.float32) / 255)
+        raise PullError(f"{path} row {bad} holds an image of {len(column[bad])} bytes; allowed: {int(np.prod(shape))} "
+                        f"bytes, one {tuple(shape)} uint8 image as the pipeline writes for this model")
+    return decode_rows_float(column, shape)
 
 
 def _from_folder(path: Path, channels: int) -> torch.Tensor:
-    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in path.iterdir() if is_image_file(f))
     if not files:
-        raise PullError(f"folder {str(path)!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise PullError(f"folder {str(path)!r} holds no image files ({IMAGE_TYPES})")
     images = [_decode(f, channels) for f in files]
     sizes = {tuple(image.shape[-2:]) for image in images}
     if len(sizes) > 1:  # resize each to the largest side's square first so they stack
@@ -176,11 +175,9 @@ def _from_folder(path: Path, channels: int) -> torch.Tensor:
 def _decode(path: Path, channels: int) -> torch.Tensor:
     """(C, H, W) float in [0, 1]; Pillow converts any mode (palette, alpha, 16-bit) to L or RGB."""
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+        array = decode_image(path, "L" if channels == 1 else "RGB").astype(np.float32) / 255.0
     except (OSError, ValueError) as err:
-        raise PullError(f"cannot decode image {str(path)!r}: {err}; allowed: "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))} files") from err
+        raise PullError(f"cannot decode image {str(path)!r}: {err}; allowed: {IMAGE_TYPES} files") from err
     return torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 

@@ -24,15 +24,10 @@ import signal
 import sys
 from pathlib import Path
 
+from vaegan.errors import UserError
+
 from .config import load_config
 from .steps import STEPS
-
-# The user-facing errors by module. An error can only have been raised if its module was imported, so they
-# are looked up when one is raised: `vaegan --help` and a config mistake never wait seconds for torch or MLflow.
-USER_ERRORS = {"vaegan.config": ("ConfigError",), "vaegan.data": ("DatasetError", "DatasetNotFoundError"),
-               "vaegan.checkpoint": ("CheckpointError",), "vaegan.step": ("NonFiniteLossError",),
-               "deploy.pull": ("PullError",), "pipelines.tracking": ("TrackingError",),
-               "pipelines.preprocess": ("PreprocessError",)}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -191,16 +186,16 @@ def _writable(path: Path) -> Path:
 
 
 def _user_error(err: BaseException) -> BaseException | None:
-    """The user-facing error inside ``err`` (Ray wraps a task's exception), if it is one."""
+    """The user-facing error (a ``vaegan.errors.UserError``) inside ``err`` (Ray wraps a task's exception), if it
+    is one. The base lives in a module of its own that imports nothing, so `vaegan --help` and a config mistake
+    never wait seconds for torch or MLflow."""
     cause = getattr(err, "cause", None)
     if cause is not None:  # before isinstance: Ray's wrapper also subclasses the cause, but reads as a traceback
         return _user_error(cause)
     for failure in getattr(err, "worker_failures", {}).values():  # Ray Train: each failed worker's own error
         if _user_error(failure) is not None:
             return _user_error(failure)
-    types = tuple(getattr(sys.modules[module], name) for module, names in USER_ERRORS.items()
-                  if module in sys.modules for name in names)
-    return err if isinstance(err, types) else None
+    return err if isinstance(err, UserError) else None
 
 
 def _interrupt(signum, frame) -> None:

@@ -4,8 +4,8 @@ Inputs:  ``data.source``: an IDX folder (Fashion-MNIST/MNIST; "" finds Fashion-M
          images (one sub-folder per class, or flat), or Parquet with an ``image`` column
          (encoded PNG/JPEG bytes or uint8 arrays) and an optional ``label`` column.
 Outputs: ``<out>/split=<train|val|test>/*.parquet`` with columns ``image`` (raw uint8 bytes of a
-         (C, H, W) array), ``label`` (int64, -1 when unknown) and ``key`` (int64, the row's stable id),
-         and ``<out>/manifest.json`` (counts, image shape, fingerprint, per-channel statistics).
+         (C, H, W) array: ``vaegan.imagerows``), ``label`` (int64, -1 when unknown) and ``key`` (int64, the
+         row's stable id), and ``<out>/manifest.json`` (counts, image shape, fingerprint, per-channel statistics).
 Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess``
 
 Rows stream through ``map_batches`` (decode, resize, channels, validate), so memory stays bounded by
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import zlib
@@ -31,15 +30,16 @@ from ray.data.extensions import ArrowTensorArray
 from ray.exceptions import UserCodeException
 
 from vaegan.config import ModelConfig
+from vaegan.errors import UserError
+from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows, encode_rows, is_image_file
 
 from .config import DataConfig
 
 SPLITS = ("train", "val", "test")
 BLOCK_ROWS = 2048
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff")
 
 
-class PreprocessError(ValueError, UserCodeException):
+class PreprocessError(UserError, ValueError, UserCodeException):
     """Source data that cannot be turned into the configured images; names the file or row. A
     UserCodeException, so Ray Data reports it as a fault in the data, without its internal traceback."""
 
@@ -138,8 +138,8 @@ def image_files(root: Path, limit: int = 0) -> list[Path]:
     no image is an error, so a stray file is never read as data nor silently left out."""
     files = sorted(p for p in root.rglob("*")
                    if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
-    allowed = f"allowed: {', '.join(IMAGE_EXTENSIONS)} files, flat or one sub-folder per class"
-    other = next((p for p in files if p.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS), None)
+    allowed = f"allowed: {IMAGE_TYPES} files, flat or one sub-folder per class"
+    other = next((p for p in files if not is_image_file(p)), None)
     if other is not None:
         raise PreprocessError(f"image folder {root} holds {str(other.relative_to(root))!r}, which is not an "
                               f"image file; {allowed}")
@@ -228,14 +228,10 @@ def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
 
 def _decode(value: Any, where: str) -> np.ndarray:
     if isinstance(value, (bytes, bytearray)):
-        from PIL import Image, UnidentifiedImageError
         try:
-            with Image.open(io.BytesIO(value)) as img:
-                # L and RGB as they are: convert() to the same mode would copy every pixel once more.
-                return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise PreprocessError(f"{where}: not a decodable image ({err}); allowed: "
-                                  f"{', '.join(IMAGE_EXTENSIONS)} image data") from err
+            return decode_image(value)
+        except (OSError, ValueError) as err:
+            raise PreprocessError(f"{where}: not a decodable image ({err}); allowed: {IMAGE_TYPES} image data") from err
     return np.asarray(value)
 
 
@@ -324,7 +320,7 @@ def transform_batch(batch: dict[str, np.ndarray], data: dict, model: dict) -> di
     keys = np.asarray(batch["key"], np.int64) if "key" in batch else \
         np.array([zlib.crc32(img.tobytes()) for img in images], np.int64)  # content hash when the source has no ids
     labels = np.asarray(batch["label"], np.int64) if "label" in batch else np.full(len(images), -1, np.int64)
-    return {"image": np.array([img.tobytes() for img in images], dtype=object), "label": labels, "key": keys,
+    return {"image": encode_rows(images), "label": labels, "key": keys,
             "split": _split_of(keys, batch.get("is_test"), DataConfig(**data))}
 
 
@@ -391,23 +387,10 @@ def _file_stats(file: Path, shape: list[int]) -> tuple[int, np.ndarray, np.ndarr
     count, row_hashes = 0, []
     total, total_sq = np.zeros(shape[0], np.uint64), np.zeros(shape[0], np.uint64)
     for batch in pq.ParquetFile(file).iter_batches(batch_size=1024, columns=["image", "key"]):
-        images = np.frombuffer(b"".join(batch.column("image").to_pylist()), np.uint8).reshape(-1, *shape)
+        images = decode_rows(batch.column("image"), shape)
         count += len(images)
         total += images.sum(axis=(0, 2, 3), dtype=np.uint64)
         total_sq += np.square(images, dtype=np.uint32).sum(axis=(0, 2, 3), dtype=np.uint64)
         row_hashes += [f"{k}:{zlib.crc32(img.tobytes())}" for k, img in zip(batch.column("key").to_pylist(), images)]
     return count, total, total_sq, row_hashes
 
-
-def read_split(split_dir: Path, shape: list[int], limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A split as in-memory arrays, uint8 (N, C, H, W) and int64 (N,), for evaluation-sized reads."""
-    images, labels, n = [], [], 0
-    for file in sorted(split_dir.glob("*.parquet")):
-        table = pq.read_table(file, columns=["image", "label"])
-        images.append(np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8).reshape(-1, *shape))
-        labels.append(table.column("label").to_numpy())
-        n += len(labels[-1])
-        if limit and n >= limit:
-            break
-    images_arr, labels_arr = np.concatenate(images), np.concatenate(labels)
-    return (images_arr[:limit], labels_arr[:limit]) if limit else (images_arr, labels_arr)

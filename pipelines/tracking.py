@@ -23,6 +23,8 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vaegan.errors import UserError
+
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -33,7 +35,7 @@ RETRY_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BAC
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow tracking server cannot be used; says which URI and why."""
 
 

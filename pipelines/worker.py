@@ -23,9 +23,11 @@ from torchvision.utils import save_image
 from vaegan import metrics
 from vaegan.checkpoint import CHECKPOINT_NAME, checkpoint_payload, load_checkpoint, save_checkpoint
 from vaegan.config import from_dict
+from vaegan.data import to_float
 from vaegan.evaluate import sample_quality
 from vaegan.featnet import load_feature_net
 from vaegan.guard import NonFiniteLossError
+from vaegan.imagerows import decode_rows_float, read_split
 from vaegan.inference import GenerativeModel
 from vaegan.loop import epoch_log_line, train_epoch
 from vaegan.nets import build_nets
@@ -33,7 +35,6 @@ from vaegan.step import VAEGANTrainer
 
 from .config import PipelineConfig
 from .faults import FaultLedger
-from .preprocess import read_split
 from .tracking import BufferedRunLogger
 
 SCORE = "val/fid"  # lower is better; the one metric that picks checkpoints, trials and champions
@@ -80,7 +81,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
         # and become float tensors here.
-        batches = (as_images(b["image"], job.image_shape, device)
+        batches = (decode_rows_float(b["image"], job.image_shape, device)
                    for b in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                                drop_last=True))
         try:
@@ -125,13 +126,6 @@ def ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
-def as_images(column: Any, shape: list[int], device: torch.device) -> torch.Tensor:
-    """A column of raw uint8 (C, H, W) bytes -> float32 (B, C, H, W) in [0, 1] on ``device``."""
-    raw = b"".join(bytes(v) for v in column)
-    images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, *shape)
-    return images.to(device, non_blocking=True).float().div_(255.0)
-
-
 def resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -170,7 +164,7 @@ class Validation:
 
     def __init__(self, job: TrainJob, cfg: PipelineConfig):
         images, _ = read_split(Path(job.data_dir) / "split=val", job.image_shape, limit=cfg.train.val_images)
-        self.images = torch.from_numpy(images).float() / 255.0
+        self.images = to_float(torch.from_numpy(images))
         self.featnet = load_feature_net(job.featnet_path)
         self.seed = cfg.train.seed
 

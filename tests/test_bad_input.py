@@ -37,7 +37,7 @@ from vaegan.step import VAEGANTrainer
 SMOKE = "pipelines/configs/smoke.yaml"
 MODEL, OTHER_FLAVOUR = "vaegan-bad-input", "vaegan-bad-input-echo"
 CHAMPION = f"models:/{MODEL}@champion"
-IMAGE_TYPES = "png, jpg, jpeg, bmp, gif, tif, tiff files, flat or one sub-folder per class"
+IMAGE_TYPES = "png, jpg, jpeg, bmp, gif, webp, tif, tiff files, flat or one sub-folder per class"
 NPY_VALUES = "allowed: uint8 0..255 or finite floats in [0, 1]"
 ECHO_MODEL = """
 import mlflow
@@ -134,7 +134,7 @@ CASES = [
     # decoding the source: only Ray Data's tasks find it, and the message still names the file
     Case("corrupt-image-in-image-folder", run("data.source={inputs}/images-corrupt", "train.batch_size=4"),
          ("{inputs}/images-corrupt/broken.png: not a decodable image (cannot identify image file",
-          "allowed: png, jpg, jpeg, bmp, gif, tif, tiff image data"), ray=True),
+          "allowed: png, jpg, jpeg, bmp, gif, webp, tif, tiff image data"), ray=True),
     # the registry
     Case("unknown-model-name", pull("sample", model="models:/no-such-model@champion"),
          ("Registered Model with name=no-such-model not found; allowed: a registered model name, one of [",

@@ -14,6 +14,7 @@ from pipelines import preprocess
 from pipelines.config import DataConfig
 from vaegan.config import ModelConfig
 from vaegan.data import SHAPE_NAMES, make_shapes
+from vaegan.imagerows import read_split
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +43,7 @@ def test_image_folder_with_class_subfolders_and_mixed_sizes(tmp_path):
     assert manifest["format"] == "images" and manifest["image_shape"] == [3, 32, 32]
     assert sum(manifest["counts"].values()) == 90 and min(manifest["counts"].values()) > 0
     assert manifest["classes"] == sorted(SHAPE_NAMES)
-    train, train_labels = preprocess.read_split(tmp_path / "out" / "split=train", [3, 32, 32])
+    train, train_labels = read_split(tmp_path / "out" / "split=train", [3, 32, 32])
     assert train.shape[1:] == (3, 32, 32) and set(train_labels.tolist()) == {0, 1, 2}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
 

@@ -9,18 +9,21 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .atomic import atomic_file
 from .config import VAEGANConfig, from_dict
-from .step import VAEGANTrainer
+from .errors import UserError
+
+if TYPE_CHECKING:  # for the annotations only: loading a checkpoint (serving) must not import the trainer
+    from .step import VAEGANTrainer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, or holds something other than plain weights."""
 
 

@@ -13,11 +13,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from .errors import UserError
+
 SUPPORTED_IMAGE_SIZES = (28, 32, 64, 128)
 SUPPORTED_CHANNELS = (1, 3)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake; the message names the key, the value and what is allowed."""
 
 

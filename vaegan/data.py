@@ -28,6 +28,8 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms.v2 import functional as TF
 
+from .errors import UserError
+
 DEFAULT_IDX_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
 # Same names for MNIST and Fashion-MNIST; each may also be present with a ".gz" suffix.
@@ -48,11 +50,11 @@ _HOW_TO_GET = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file exists but cannot be used (truncated, corrupt, wrong format); names the file."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset files are nowhere to be found; the message says how to get them."""
 
 

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import torch
 
 from .config import TrainConfig
+from .errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training diverged: non-finite gradients persisted through every allowed rollback."""
 
 

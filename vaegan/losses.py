@@ -17,18 +17,30 @@ from .config import LossConfig
 BALANCE_EQUILIBRIUM = math.log(2.0)  # the BCE of a discriminator at chance
 
 
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) in nats per latent dimension, (B, D) -> (B, D), in the inputs' dtype.
+
+    Closed form from Kingma & Welling 2014, appendix B: -1/2 (1 + logvar - mu^2 - exp(logvar)).
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) per image in nats, summed over latent dims: (B, D) -> (B,)."""
+    return kl_per_dim(mu, logvar).sum(1)
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
-    """L_prior = KL(q(z|x) || N(0, I)), closed form (Kingma & Welling 2014, appendix B).
+    """L_prior = KL(q(z|x) || N(0, I)), closed form, averaged over the batch (``kl_per_dim``).
 
     mu, logvar: (B, D). With ``free_bits`` > 0 each latent dimension's batch-mean KL is clamped
     from below at that many nats (Kingma et al. 2016), so the encoder is not pushed to switch
     dimensions off entirely (posterior collapse).
     """
     mu, logvar = mu.float(), logvar.float()
-    per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, D)
     if free_bits > 0:
-        return per_dim.mean(0).clamp(min=free_bits).sum()
-    return per_dim.sum(1).mean()
+        return kl_per_dim(mu, logvar).mean(0).clamp(min=free_bits).sum()
+    return gaussian_kl(mu, logvar).mean()
 
 
 def kl_warmup_weight(step: int, warmup_steps: int, max_weight: float) -> float:
@@ -38,9 +50,17 @@ def kl_warmup_weight(step: int, warmup_steps: int, max_weight: float) -> float:
     return max_weight * min(1.0, step / warmup_steps)
 
 
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) per image in nats under a Bernoulli decoder: BCE with logits, summed over pixels.
+
+    logits and x (B, C, H, W), x in [0, 1] (soft targets) -> (B,), in the inputs' dtype.
+    """
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
 def pixel_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) under a Bernoulli decoder: BCE with logits, summed over pixels. x in [0, 1]."""
-    return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").flatten(1).sum(1).mean()
+    """L_llike^pixel: ``bernoulli_nll`` in float32, averaged over the batch. x in [0, 1]."""
+    return bernoulli_nll(logits.float(), x.float()).mean()
 
 
 def feature_nll(feats_recon: torch.Tensor, feats_real: torch.Tensor) -> torch.Tensor:

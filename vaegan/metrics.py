@@ -23,9 +23,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import linalg
 from torch import nn
+
+from .losses import bernoulli_nll, gaussian_kl
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -156,19 +157,8 @@ def precision_recall(real_feats: np.ndarray | torch.Tensor, fake_feats: np.ndarr
 # ---------------------------------------------------------------------------------------------
 # Likelihood-side metrics (take the encoder and decoder)
 # ---------------------------------------------------------------------------------------------
-
-
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over latent dims: (B, D) -> (B,).
-
-    Closed form from Kingma & Welling 2014, appendix B: -1/2 sum(1 + logvar - mu^2 - exp(logvar)).
-    """
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
-
-
-def _bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) in nats, summed over pixels: logits and x (B, C, H, W) -> (B,)."""
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(dim=1)
+# The KL and Bernoulli terms are the training loss's own (``losses.gaussian_kl``, ``losses.bernoulli_nll``),
+# per image and in the inputs' dtype; ``gaussian_kl`` stays importable from here.
 
 
 def _standard_normal(shape: tuple[int, ...], like: torch.Tensor,
@@ -186,7 +176,7 @@ def elbo(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor,
     """
     mu, logvar = encoder(x)
     z = mu + (0.5 * logvar).exp() * _standard_normal(mu.shape, mu, generator)
-    return _bernoulli_log_likelihood(decoder(z), x) - gaussian_kl(mu, logvar)
+    return -bernoulli_nll(decoder(z), x) - gaussian_kl(mu, logvar)
 
 
 @torch.inference_mode()
@@ -209,7 +199,7 @@ def iwae_log_likelihood(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor,
         eps = _standard_normal((n, *mu.shape), mu, generator)  # (n, B, D)
         z = mu + std * eps
         x_rep = x.unsqueeze(0).expand(n, *x.shape).reshape(n * batch, *x.shape[1:])
-        log_px_z = _bernoulli_log_likelihood(decoder(z.reshape(n * batch, -1)), x_rep).view(n, batch)
+        log_px_z = -bernoulli_nll(decoder(z.reshape(n * batch, -1)), x_rep).view(n, batch)
         log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(dim=-1)  # N(0, I)
         log_qz_x = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(dim=-1)  # N(mu, sigma^2) at z
         log_weights.append(log_px_z + log_pz - log_qz_x)  # (n, B)

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from vaegan.data import to_float
 from vaegan.featnet import feature_net_path, load_or_train_feature_net
+from vaegan.imagerows import read_split
 
 from .. import preprocess as shards
 from ..config import EvalConfig, PipelineConfig
@@ -44,15 +46,15 @@ class Outputs(StepOutputs):
 
     def images(self, split: str, limit: int = 0) -> torch.Tensor:
         """Up to ``limit`` images of ``split`` (0: all), float32 (N, C, H, W) in [0, 1]."""
-        images, _ = shards.read_split(self.split_dir(split), self.image_shape, limit=limit)
-        return torch.from_numpy(images).float() / 255.0
+        images, _ = read_split(self.split_dir(split), self.image_shape, limit=limit)
+        return to_float(torch.from_numpy(images))
 
     def feature_net(self, data_dir: str, cfg: EvalConfig) -> tuple[Path, str]:
         """The domain feature net of this dataset (path, name): trained on its train split once, then
         cached under ``<data_dir>/featnets`` by the data fingerprint."""
         cache, fingerprint = Path(data_dir) / "featnets", self.manifest["fingerprint"]
-        images, labels = shards.read_split(self.split_dir("train"), self.image_shape)
-        test_images, test_labels = shards.read_split(self.split_dir("test"), self.image_shape)
+        images, labels = read_split(self.split_dir("train"), self.image_shape)
+        test_images, test_labels = read_split(self.split_dir("test"), self.image_shape)
         labelled = bool(self.manifest["classes"]) and (labels >= 0).all()
         _, name = load_or_train_feature_net(
             cache, fingerprint, torch.from_numpy(images), torch.from_numpy(labels) if labelled else None,
