@@ -2,7 +2,7 @@
 
 IDX: Fashion-MNIST (70,000 28 px grey images), about a second of byte copying, so it measures Ray's fixed
 start-up more than anything.
-  ray_data  ``pipelines.preprocess.run`` on a fresh local Ray cluster, Ray start-up included: read the
+  ray_data  ``pipelines.shards.run`` on a fresh local Ray cluster, Ray start-up included: read the
             IDX files, ``map_batches`` (decode, resize if needed, channels, validate, split by a hash of
             each row's key), ``write_parquet`` partitioned by split, then the manifest read-back.
   numpy     the same work in one process without Ray, in a spawned child (its own memory): the same IDX
@@ -13,7 +13,7 @@ PNG folder (``png_folder``): ``--images`` (default 50,000) 64 px RGB PNG files i
 where decoding dominates. The benchmark generates them once into ``--work-dir`` (Fashion-MNIST upscaled,
 tinted and grained, so each file compresses and decodes like a small photo) and reuses them; before the
 two sides run it reads every file once, so both find them in the page cache.
-  ray_data  ``pipelines.preprocess.run`` with that folder as ``data.source`` (model.image_size=64,
+  ray_data  ``pipelines.shards.run`` with that folder as ``data.source`` (model.image_size=64,
             model.channels=3) on a fresh local Ray, start-up included.
   script    one spawned process, no Ray: list the folder (``image_files``), read each file, decode with
             PIL (``transform_batch``) 1024 files at a time, and stream the rows through one pyarrow
@@ -134,7 +134,7 @@ def numpy_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: str) 
     """The Ray step's work on the IDX source in this process alone; returns its timings, peak RSS and manifest."""
     import psutil  # importable once ray is (ray/thirdparty_files); preprocess_memory imported it
 
-    from pipelines import preprocess
+    from pipelines import shards
     from pipelines.config import DataConfig
     from vaegan.config import ModelConfig
     rss_before_mb = psutil.Process().memory_info().rss / MiB
@@ -146,12 +146,12 @@ def numpy_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: str) 
     for block in blocks:
         for first in range(0, len(block["key"]), BATCH_ROWS):
             batch = {name: column[first:first + BATCH_ROWS] for name, column in block.items()}
-            rows = preprocess.transform_batch(batch, data, shape)
+            rows = shards.transform_batch(batch, data, shape)
             for split, parts in tables.items():
                 parts.append(split_table(rows, split))
     write_splits(tables, Path(out_dir), cfg.rows_per_file)
     written = time.perf_counter()
-    manifest = preprocess.build_manifest(Path(out_dir), "idx", cfg, model_cfg, classes)
+    manifest = shards.build_manifest(Path(out_dir), "idx", cfg, model_cfg, classes)
     end = time.perf_counter()
     return {"seconds": end - start, "transform_write_seconds": written - start, "manifest_seconds": end - written,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # kB on Linux
@@ -163,7 +163,7 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
     files at a time, rows streamed to Parquet; returns its timings, peak RSS and manifest."""
     import psutil
 
-    from pipelines import preprocess
+    from pipelines import shards
     from pipelines.config import DataConfig
     from vaegan.config import ModelConfig
     rss_before_mb = psutil.Process().memory_info().rss / MiB
@@ -171,15 +171,15 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
     root = Path(cfg.source).resolve()
     classes = preprocess.image_classes(root)
-    files = preprocess.image_files(root, cfg.limit)
+    files = shards.image_files(root, cfg.limit)
     shape = {"image_size": model_cfg.image_size, "channels": model_cfg.channels}
     with SplitWriter(Path(out_dir), cfg.rows_per_file) as writer:
         for first in range(0, len(files), BATCH_ROWS):
             chunk = files[first:first + BATCH_ROWS]
             batch = preprocess.read_image_files({"path": np.array([str(f) for f in chunk])}, str(root), classes)
-            writer.write(preprocess.transform_batch(batch, data, shape))
+            writer.write(shards.transform_batch(batch, data, shape))
     written = time.perf_counter()
-    manifest = preprocess.build_manifest(Path(out_dir), "images", cfg, model_cfg, classes)
+    manifest = shards.build_manifest(Path(out_dir), "images", cfg, model_cfg, classes)
     end = time.perf_counter()
     return {"seconds": end - start, "transform_write_seconds": written - start, "manifest_seconds": end - written,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

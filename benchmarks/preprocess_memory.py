@@ -1,4 +1,4 @@
-"""Preprocess memory: ``pipelines.preprocess.run`` streams a dataset several times the object store.
+"""Preprocess memory: ``pipelines.shards.run`` streams a dataset several times the object store.
 
 Generates (once, cached under ``--work-dir``) a Parquet source of ``--n`` procedural 64 px RGB
 images (``vaegan.data.make_shapes``) stored as encoded PNG bytes in column ``image`` plus
@@ -47,7 +47,7 @@ except ImportError as err:  # ray[default] vendors psutil in ray/thirdparty_file
 import common
 from PIL import Image
 
-from pipelines import preprocess
+from pipelines import shards
 from pipelines.config import DataConfig
 from vaegan.config import ModelConfig
 from vaegan.data import make_shapes
@@ -232,19 +232,19 @@ def measure(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, sampler
         with common.local_ray(**ray_init_kwargs):
             times["ray_ready"] = time.perf_counter()
             sampler.attach()
-            real_build_manifest = preprocess.build_manifest
+            real_build_manifest = shards.build_manifest
 
             def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
                 times["manifest_start"] = time.perf_counter()
                 sampler.phase = "manifest"
                 return real_build_manifest(*a, **kw)
 
-            preprocess.build_manifest = timed_build_manifest  # run() looks it up in the module at call time
+            shards.build_manifest = timed_build_manifest  # run() looks it up in the module at call time
             sampler.phase = "ray_data"
             try:
-                manifest = preprocess.run(data_cfg, model_cfg, out_dir)
+                manifest = shards.run(data_cfg, model_cfg, out_dir)
             finally:
-                preprocess.build_manifest = real_build_manifest
+                shards.build_manifest = real_build_manifest
             times["end"] = time.perf_counter()
     finally:
         sampler.finish()

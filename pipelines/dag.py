@@ -24,7 +24,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from vaegan.config import ConfigError
+from vaegan.config import ConfigError, from_dict
 
 from .config import PipelineConfig, stable_hash
 from .context import OUTPUTS_FILE, RunContext, StepResult, read_outputs
@@ -81,8 +81,7 @@ def publish(tmp: Path, final: Path) -> None:
 def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: bool, force: bool,
                  *upstream: dict[str, StepResult]) -> dict[str, StepResult]:
     """Run (or reuse) one step; returns the results of this step and of everything upstream of it."""
-    from vaegan.config import from_dict
-    cfg = from_dict(PipelineConfig, cfg_dict)  # [1] the config crosses the Ray boundary as a dict
+    cfg = from_dict(PipelineConfig, cfg_dict)  # the config crossed the Ray boundary as a dict
     step = step_module(name)
     results = {n: result for up in upstream for n, result in up.items()}
     ups = {n: results[n] for n in upstream_of(name)}

@@ -27,7 +27,7 @@ from vaegan.config import ConfigError, from_dict
 from vaegan.inference import GenerativeModel
 
 from . import plots, tracking
-from . import preprocess as shards
+from . import shards
 from .cluster import connect_ray
 from .config import DataConfig, EvalConfig, PipelineConfig
 from .steps import preprocess

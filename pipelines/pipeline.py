@@ -13,7 +13,7 @@ from typing import Any
 from vaegan.atomic import write_json
 from vaegan.config import ConfigError
 
-from . import dag, preprocess, tracking
+from . import dag, shards, tracking
 from .cluster import check_fits_local_ray, connect_ray, local_resources
 from .config import PipelineConfig, flatten
 from .context import RunContext, StepResult
@@ -33,7 +33,7 @@ def check_run_dir(run_dir: Path) -> None:
 def check_data_fits(cfg: PipelineConfig) -> None:
     """The source reads, no split comes out empty and each Train worker gets at least one batch
     (workers drop their last partial batch, so a larger batch would train on nothing)."""
-    counts, exact = preprocess.split_counts(cfg.data)
+    counts, exact = shards.split_counts(cfg.data)
     rows, what = counts["train"], f"{'' if exact else 'an expected '}{counts['train']} training images"
     if cfg.tune.enabled and 0 < cfg.tune.train_limit < rows:
         rows, what = cfg.tune.train_limit, f"tune.train_limit={cfg.tune.train_limit} training images per trial"

@@ -1,8 +1,6 @@
-"""DAG step 5, register (MLflow Model Registry): log the chosen checkpoint as a pickle-free pyfunc,
-register a version, and move the alias only when the new version beats the current holder.
+"""The MLflow Model Registry, for the register step (``steps/register.py``): log the chosen checkpoint as a
+pickle-free pyfunc, register a version, and move the alias only when the new version beats the current holder.
 
-Inputs:  the train step's checkpoint and MLflow run, the evaluate step's test metrics.
-Outputs: ``registration.json``: model name, version, URI and whether the alias moved (and why).
 The comparison uses the test domain FID on the same data fingerprint; a champion scored on other
 data is not comparable, so the alias stays where it is.
 """

@@ -55,7 +55,7 @@ class TrainJob:
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     job = TrainJob(**job_dict)
-    cfg = from_dict(PipelineConfig, job.config)  # [0] the config crossed the Ray boundary as a dict
+    cfg = from_dict(PipelineConfig, job.config)  # the config crossed the Ray boundary as a dict
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -10,7 +10,7 @@ import pytest
 import ray
 from PIL import Image
 
-from pipelines import preprocess
+from pipelines import shards
 from pipelines.config import DataConfig
 from vaegan.config import ModelConfig
 from vaegan.data import SHAPE_NAMES, make_shapes
@@ -39,7 +39,7 @@ def test_image_folder_with_class_subfolders_and_mixed_sizes(tmp_path):
         pil = Image.fromarray(image.transpose(1, 2, 0))
         (pil if i % 2 else pil.resize((40, 40))).save(folder / f"{i}.png")  # two sizes in one folder
     cfg = DataConfig(source=str(tmp_path / "src"), val_fraction=0.2, test_fraction=0.2, rows_per_file=20)
-    manifest = preprocess.run(cfg, ModelConfig(image_size=32, channels=3), tmp_path / "out")
+    manifest = shards.run(cfg, ModelConfig(image_size=32, channels=3), tmp_path / "out")
     assert manifest["format"] == "images" and manifest["image_shape"] == [3, 32, 32]
     assert sum(manifest["counts"].values()) == 90 and min(manifest["counts"].values()) > 0
     assert manifest["classes"] == sorted(SHAPE_NAMES)
@@ -53,8 +53,8 @@ def test_parquet_of_encoded_images_to_grey_28px_is_deterministic(tmp_path):
     table = pa.table({"image": [png_bytes(img) for img in images.numpy()], "label": labels.numpy()})
     pq.write_table(table, tmp_path / "source.parquet")
     cfg = DataConfig(source=str(tmp_path / "source.parquet"), val_fraction=0.2, test_fraction=0.2)
-    first = preprocess.run(cfg, ModelConfig(image_size=28, channels=1), tmp_path / "a")
-    second = preprocess.run(cfg, ModelConfig(image_size=28, channels=1), tmp_path / "b")
+    first = shards.run(cfg, ModelConfig(image_size=28, channels=1), tmp_path / "a")
+    second = shards.run(cfg, ModelConfig(image_size=28, channels=1), tmp_path / "b")
     assert first["format"] == "parquet" and first["image_shape"] == [1, 28, 28]
     assert first["counts"] == second["counts"] and first["fingerprint"] == second["fingerprint"]
     assert 0 < first["channel_mean"][0] < 1 and first["channel_std"][0] > 0
@@ -64,16 +64,16 @@ def test_nan_pixels_name_the_row():
     images = np.zeros((3, 28, 28), np.float32)
     images[1, 5, 5] = np.inf
     batch = {"image": images, "key": np.array([10, 11, 12])}
-    with pytest.raises(preprocess.PreprocessError, match=r"^src\.parquet \(row key 11\): image has NaN or infinite "
+    with pytest.raises(shards.PreprocessError, match=r"^src\.parquet \(row key 11\): image has NaN or infinite "
                        r"pixel values; allowed: finite pixels"):
-        preprocess.transform_batch(batch, dataclasses.asdict(DataConfig(source="src.parquet")),
+        shards.transform_batch(batch, dataclasses.asdict(DataConfig(source="src.parquet")),
                                    {"image_size": 28, "channels": 1})
 
 
 def test_an_empty_split_is_a_clear_error(tmp_path):
     cfg = DataConfig(limit=14, val_fraction=0.01)  # 12 train images: the val part comes out empty
-    with pytest.raises(preprocess.PreprocessError, match="split 'val' is empty"):
-        preprocess.run(cfg, ModelConfig(), tmp_path / "out")
+    with pytest.raises(shards.PreprocessError, match="split 'val' is empty"):
+        shards.run(cfg, ModelConfig(), tmp_path / "out")
 
 
 def test_split_is_a_deterministic_hash_of_the_row_key():

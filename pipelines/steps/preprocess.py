@@ -2,7 +2,7 @@
 
 Inputs:  none; ``data.source`` names an IDX folder ("" finds Fashion-MNIST), an image folder or Parquet.
 Outputs: ``split=<train|val|test>/*.parquet`` and ``manifest.json`` (counts, image shape, fingerprint,
-         per-channel statistics); see ``pipelines/preprocess.py`` for the row format.
+         per-channel statistics); ``pipelines/shards.py`` does the Ray Data work.
 Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess``
 
 The feature net that every FID of this dataset uses (per-epoch validation, trials, evaluation) belongs
@@ -20,7 +20,7 @@ from vaegan.data import to_float
 from vaegan.featnet import feature_net_path, load_or_train_feature_net
 from vaegan.imagerows import read_split
 
-from .. import preprocess as shards
+from .. import shards
 from ..config import EvalConfig, PipelineConfig
 from ..context import RunContext, StepOutputs
 

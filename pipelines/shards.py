@@ -1,4 +1,4 @@
-"""DAG step 1, preprocess (Ray Data): source images -> Parquet shards + manifest.
+"""Ray Data, source images -> Parquet shards + manifest: the work of the preprocess step (``steps/preprocess.py``).
 
 Inputs:  ``data.source``: an IDX folder (Fashion-MNIST/MNIST; "" finds Fashion-MNIST), a folder of
          images (one sub-folder per class, or flat), or Parquet with an ``image`` column
@@ -6,7 +6,6 @@ Inputs:  ``data.source``: an IDX folder (Fashion-MNIST/MNIST; "" finds Fashion-M
 Outputs: ``<out>/split=<train|val|test>/*.parquet`` with columns ``image`` (raw uint8 bytes of a
          (C, H, W) array: ``vaegan.imagerows``), ``label`` (int64, -1 when unknown) and ``key`` (int64, the
          row's stable id), and ``<out>/manifest.json`` (counts, image shape, fingerprint, per-channel statistics).
-Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess``
 
 Rows stream through ``map_batches`` (decode, resize, channels, validate), so memory stays bounded by
 Ray Data's streaming executor, not by the dataset's size. The split is a hash of each row's stable
