@@ -177,3 +177,16 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_checkpoint(path)
+
+
+def test_each_step_says_which_players_learned_and_an_epoch_averages_it():
+    """dis/dec_update_fraction: 1 when that network stepped; the epoch's mean is its update fraction."""
+    from vaegan.loop import train_epoch
+    cfg = tiny_config()
+    cfg.train.balance_margin = 10.0  # every BCE lies inside the margin: the rule steps both players
+    trainer = make_trainer(cfg)
+    summary = train_epoch(trainer, [torch.rand(4, 1, 28, 28) for _ in range(3)])
+    assert summary["dis_update_fraction"] == 1.0 and summary["dec_update_fraction"] == 1.0
+    trainer._balance = lambda bce: (False, True)  # the rule holds the discriminator back on every step
+    summary = train_epoch(trainer, [torch.rand(4, 1, 28, 28) for _ in range(4)])
+    assert summary["dis_update_fraction"] == 0.0 and summary["dec_update_fraction"] == 1.0

@@ -57,6 +57,7 @@ def epoch_log_line(epoch: int, summary: dict[str, float], extra: dict[str, float
     keys = ["loss/enc/kl", "loss/enc/feature", "loss/dec/pixel", "loss/dec/gan", "loss/dis/total", "loss/vae/total"]
     parts = [f"epoch {epoch}"]
     parts += [f"{k.removeprefix('loss/')}={summary[k]:.3f}" for k in keys if k in summary]
+    parts += [f"{k.removesuffix('_fraction')}={summary[k]:.2f}" for k in ("dis_update_fraction",) if k in summary]
     parts.append(f"images/s={summary['images_per_s']:.0f}")
     parts += [f"{k}={v:.4g}" for k, v in (extra or {}).items()]
     return " ".join(parts)

@@ -279,7 +279,7 @@ class VAEGANTrainer:
             for opt in self._optimizers():
                 opt.zero_grad(set_to_none=True)
             self.guard.skip(self, norms)
-            return {**norms, **self._counter_metrics()}
+            return {**norms, **self._counter_metrics(), **self._updated(dis=False, dec=False)}
         self.opt_enc.step()
         if update_dec:
             self.opt_dec.step()
@@ -289,7 +289,15 @@ class VAEGANTrainer:
             self.opt_dis.step()
         self.counters["dec_skipped"] += int(not update_dec)
         self.counters["dis_skipped"] += int(self.dis is not None and not update_dis)
-        return {**norms, **self._counter_metrics()}
+        return {**norms, **self._counter_metrics(), **self._updated(dis=update_dis, dec=update_dec)}
+
+    def _updated(self, dis: bool, dec: bool) -> dict[str, torch.Tensor]:
+        """1.0 when the network stepped, else 0.0: an epoch's mean is the fraction of its steps on which
+        each player of the adversarial game learned (the balance rule or the guard may hold it back)."""
+        updated = {"dec_update_fraction": torch.tensor(float(dec))}
+        if self.dis is not None:
+            updated["dis_update_fraction"] = torch.tensor(float(dis))
+        return updated
 
     def _counter_metrics(self) -> dict[str, torch.Tensor]:
         return {f"guard/{k}": torch.tensor(float(v)) for k, v in self.all_counters().items()}
