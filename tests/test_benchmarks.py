@@ -1,7 +1,8 @@
 """Each benchmark's --quick mode end to end (a real local Ray where the benchmark uses one): it runs, and
 its JSON has the layout of the committed full run (benchmarks/results/<name>.json: every block, every key of
-each block, ``command`` and ``machine``), with finite, positive figures. About 7 minutes on 2 cores:
-eight Ray Train runs (2 throughput, 4 sweep trials, 2 quality) at ~20 s of start-up each set the floor."""
+each block, ``command`` and ``machine``), with finite, positive figures. 14 to 16 minutes on the shared 2
+cores: a local Ray per script and eight Ray Train runs (2 throughput, 4 sweep trials, 2 quality) at ~40 s of
+start-up each (Train controller, worker group, Ray Data) set the floor; their epochs take seconds."""
 from __future__ import annotations
 
 import json
