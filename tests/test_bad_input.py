@@ -1,7 +1,12 @@
-"""Bad input, one row each, through the real `vaegan` CLI: exit code 2, one `error:` line naming the file, key
-or value and what is allowed, no traceback, and nothing already written changed (the row's earlier run folder,
-the input files, the model registry). All rows but one end in the driver's checks before Ray starts; a corrupt
+"""Bad input, one row each, through the `vaegan` CLI: exit code 2, one `error:` line naming the file, key or
+value and what is allowed, no traceback, and nothing already written changed (the row's earlier run folder, the
+input files, the model registry). All rows but one end in the driver's checks before Ray starts; a corrupt
 image in an image folder is found only when Ray Data decodes it.
+
+Rows that end in the driver's checks call the CLI's ``main`` in this process, with stdout and stderr captured
+at the file descriptors (a real process would pay seconds of imports per row). The rows that need a process
+of their own run the real ``vaegan`` console script: the one that starts Ray, and the one whose run folder
+must be unwritable to a user without root's capabilities.
 
 Mixed image sizes and channel counts in an image folder are no error (preprocess resizes and converts them,
 see test_preprocess.py); mixing is an error where an input must match the model: a Parquet split holding an
@@ -9,9 +14,15 @@ image of another size, a .npy array with a channel count other than 1 or 3.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import signal
 import subprocess
+import sys
+import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +37,7 @@ from conftest import BIN, REPO, run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines import registry, tracking
+from pipelines import cli, registry, tracking
 from pipelines.config import RegisterConfig
 from vaegan.checkpoint import save_checkpoint
 from vaegan.config import VAEGANConfig
@@ -60,6 +71,11 @@ class Case:
     expect: tuple[str, ...]  # each is in the error line
     ray: bool = False  # decoding the source needs Ray Data
     read_only_run: bool = False  # the row's earlier run folder is made read-only
+
+    @property
+    def own_process(self) -> bool:
+        """Ray's start and its log lines, or dropped capabilities (setpriv), need a real `vaegan` process."""
+        return self.ray or self.read_only_run
 
 
 def run(*overrides: str) -> tuple[str, ...]:
@@ -273,6 +289,63 @@ class Outcomes:
     shared_after: tuple
 
 
+# What a fresh `python` process starts with (CPython's default warning filters), so that a warning the CLI
+# raises is printed on stderr as it would be there, not recorded by pytest.
+PROCESS_WARNING_FILTERS = [("default", None, DeprecationWarning, "__main__", 0),
+                           ("ignore", None, DeprecationWarning, None, 0),
+                           ("ignore", None, PendingDeprecationWarning, None, 0),
+                           ("ignore", None, ImportWarning, None, 0), ("ignore", None, ResourceWarning, None, 0)]
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Everything this process writes to stdout and stderr inside the block, into files: Python's streams,
+    the file descriptors (C code), logging handlers that hold a stream opened before, and warnings as a fresh
+    process shows them. Yields a dict that holds the two texts once the block ends."""
+    out: dict[str, str] = {}
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        old = {id(stream): new for streams, new in (((sys.stdout, sys.__stdout__), stdout),
+                                                    ((sys.stderr, sys.__stderr__), stderr)) for stream in streams}
+        handlers = [h for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                    for h in getattr(logger, "handlers", []) if type(h) is logging.StreamHandler
+                    and id(h.stream) in old]
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(stdout.fileno(), 1), os.dup2(stderr.fileno(), 2)
+        streams = [(h, h.setStream(old[id(h.stream)])) for h in handlers]
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.filters[:] = PROCESS_WARNING_FILTERS
+                yield out
+        finally:
+            for warning in caught:
+                stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                                    warning.lineno, warning.line))
+            for handler, stream in streams:
+                handler.setStream(stream)
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+            for name, file in (("stdout", stdout), ("stderr", stderr)):
+                file.seek(0)
+                out[name] = file.read()
+
+
+def vaegan_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``vaegan ARGS`` as ``pipelines.cli.main`` in this process (the main thread: main sets a SIGTERM handler,
+    put back here); the same record as a finished process: exit code, stdout, stderr."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with captured_output() as out:
+        try:
+            code = cli.main(args)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["vaegan", *args], code, out["stdout"], out["stderr"])
+
+
 def vaegan(args: list[str], env: dict[str, str], as_user: bool) -> subprocess.CompletedProcess:
     if as_user and os.geteuid() == 0:
         # Root writes through permission bits; without these two capabilities it meets them as any user does.
@@ -288,15 +361,16 @@ def run_row(case: Case, folder: Path, fields: dict[str, str], env: dict[str, str
         (folder / "run").chmod(0o555)
     fields = {**fields, "run": str(folder / "run"), "out": str(folder / "out")}
     before = fingerprint(folder)
-    done = vaegan([arg.format(**fields) for arg in case.args], env, case.read_only_run)
+    args = [arg.format(**fields) for arg in case.args]
+    done = vaegan(args, env, case.read_only_run) if case.own_process else vaegan_in_process(args)
     return Outcome(done, fields, before, fingerprint(folder))
 
 
 @pytest.fixture(scope="module")
 def outcomes(registered, tmp_path_factory) -> Outcomes:
-    """Every row's CLI run. Each start costs seconds of imports, so the rows run as many at a time as there are
-    cores (only one row starts a Ray); they share only read-only inputs and the registry, fingerprinted before
-    and after them all."""
+    """Every row's CLI run: the rows with a process of their own in threads, meanwhile the others one after
+    another in this process's main thread. They share only read-only inputs and the registry, fingerprinted
+    before and after them all."""
     inputs = tmp_path_factory.mktemp("inputs")
     write_bad_sources(inputs)
     write_bad_pull_inputs(inputs)
@@ -304,10 +378,16 @@ def outcomes(registered, tmp_path_factory) -> Outcomes:
               "gpu_workers": str(torch.cuda.device_count() + 1)}
     env = {"MLFLOW_TRACKING_URI": registered}
     shared_before = fingerprint(inputs), registry_state(registered)
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        futures = {case.id: pool.submit(run_row, case, tmp_path_factory.mktemp(case.id), fields, env)
-                   for case in sorted(CASES, key=lambda c: not c.ray)}  # the slow Ray row first
-        rows = {name: future.result() for name, future in futures.items()}
+    folders = {case.id: tmp_path_factory.mktemp(case.id) for case in CASES}
+    # The environment of the rows in this process, set before any thread copies os.environ for its process.
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(os.cpu_count()) as pool:
+        patch.setenv("MLFLOW_TRACKING_URI", registered)
+        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.chdir(REPO)
+        futures = {case.id: pool.submit(run_row, case, folders[case.id], fields, env)
+                   for case in sorted(CASES, key=lambda c: not c.ray) if case.own_process}  # the slow Ray row first
+        rows = {case.id: run_row(case, folders[case.id], fields, env) for case in CASES if not case.own_process}
+        rows.update({name: future.result() for name, future in futures.items()})
     return Outcomes(rows, shared_before, (fingerprint(inputs), registry_state(registered)))
 
 

@@ -1,6 +1,8 @@
 """Each benchmark's --quick mode end to end (a real local Ray where the benchmark uses one): it runs, and
-its JSON has the shape the full run writes, with finite, positive figures. About 7 minutes on 2 cores:
-eight Ray Train runs (2 throughput, 4 sweep trials, 2 quality) at ~20 s of start-up each set the floor."""
+its JSON has the layout of the committed full run (benchmarks/results/<name>.json: every block, every key of
+each block, ``command`` and ``machine``), with finite, positive figures. 14 to 16 minutes on the shared 2
+cores: a local Ray per script and eight Ray Train runs (2 throughput, 4 sweep trials, 2 quality) at ~40 s of
+start-up each (Train controller, worker group, Ray Data) set the floor; their epochs take seconds."""
 from __future__ import annotations
 
 import json
@@ -22,6 +24,11 @@ def work_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-work")
 
 
+def layout(result: dict) -> dict:
+    """A result's blocks and, for each block that is a dict, its keys: what docs/benchmarks.md reads."""
+    return {key: sorted(value) if isinstance(value, dict) else type(value).__name__ for key, value in result.items()}
+
+
 def run_quick(name: str, tmp_path: Path, work_dir: Path) -> dict:
     out = tmp_path / f"{name}.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out),
@@ -29,6 +36,10 @@ def run_quick(name: str, tmp_path: Path, work_dir: Path) -> dict:
                           check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
+    # The quick run writes every block and key the committed full run has; a part --quick leaves out says so.
+    full = layout(json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text()))
+    quick = {key: full[key] if result.get(key) == {"skipped": "--quick"} else keys for key, keys in layout(result).items()}
+    assert quick == full, f"benchmarks/results/{name}.json's layout"
     assert MACHINE_KEYS <= result["machine"].keys() and result["machine"]["cores"] >= 1
     assert f"benchmarks/{name}.py" in result["command"] and "--quick" in result["command"]
     assert isinstance(result["ratios"], dict)

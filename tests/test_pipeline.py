@@ -14,12 +14,15 @@ SUMMARY_KEYS = {"tracking_uri", "model_uri", "model_name", "model_version", "ali
                 "metrics", "feature_net", "data_fingerprint", "steps"}
 METRIC_KEYS = {"fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units"}
 STEPS = ["preprocess", "tune", "train", "evaluate", "register"]
+# smoke.yaml runs one trial and no VAE baseline; this module's run asks for both, to check the tune table and
+# the baseline's MLflow run (the only Ray run of the suite that pays for them).
+FULL_SMOKE = ("--set", "tune.num_samples=2", "--set", "eval.baseline_vae=true")
 
 
 @pytest.fixture(scope="module")
 def smoke_run(mlflow_server, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke-run")
-    args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir)]
+    args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), *FULL_SMOKE]
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     first = run_cli(*args, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -44,7 +47,7 @@ def test_summary_contract(smoke_run, mlflow_server):
     for png in ("samples.png", "reconstructions.png", "interpolation.png", "loss_curves.png"):
         assert (train_dir / png).read_bytes()[:4] == b"\x89PNG"
     tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
-    assert len((tune_dir / "trials.csv").read_text().splitlines()) == 1 + 2  # header + num_samples trials
+    assert len((tune_dir / "trials.csv").read_text().splitlines()) == 1 + 2  # header + FULL_SMOKE's 2 trials
     assert not list(run_dir.glob(".*.tmp-*")), "no half-written step folder may remain"
 
 
@@ -57,7 +60,7 @@ def test_mlflow_holds_parent_and_child_runs(smoke_run, mlflow_server):
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = sorted(r.info.run_name.split("-")[0] for r in children)
-    assert names == ["baseline", "train", "trial", "trial"]  # smoke.yaml asks for the VAE baseline too
+    assert names == ["baseline", "train", "trial", "trial"]  # FULL_SMOKE asks for the VAE baseline too
     train_run = next(r for r in children if r.info.run_name.startswith("train-"))
     assert "val/fid" in train_run.data.metrics and "loss/enc/kl" in train_run.data.metrics
     assert train_run.data.params["model.kind"] == "vaegan"
@@ -103,7 +106,8 @@ def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, mlflow_
 
 def test_sweep_verb_writes_the_report(smoke_run, mlflow_server):
     run_dir, _, env, summary, _ = smoke_run
-    done = run_cli("sweep", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), env=env)
+    done = run_cli("sweep", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), *FULL_SMOKE,
+                   env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
     assert f"sweep report: {tune_dir / 'trials.md'}" in done.stdout  # same config: the sweep is reused
