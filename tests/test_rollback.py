@@ -117,3 +117,13 @@ def test_bad_rollback_settings_name_the_key(train, message):
 def test_rollback_settings_are_read_from_a_dict():
     train = from_dict(VAEGANConfig, {"train": {"max_rollbacks": 0, "rollback_lr_factor": 0.1}}).train
     assert (train.max_rollbacks, train.rollback_lr_factor) == (0, 0.1)
+
+
+def test_a_checkpoint_from_before_the_injection_keys_were_retired_still_loads(tmp_path):
+    """Models registered before NaN injection left the product config carry its two keys: they still load."""
+    from vaegan.checkpoint import config_of
+    trainer = make_trainer(tiny_config())
+    path = save_checkpoint(tmp_path / "old.pt", trainer)
+    state = load_checkpoint(path)
+    state["config"]["train"].update(inject_nonfinite_from=-1, inject_nonfinite_steps=0)
+    assert config_of(state) == trainer.cfg

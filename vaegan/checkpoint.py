@@ -56,5 +56,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+# Keys that earlier versions wrote into every checkpoint's config and that no longer exist (test-only NaN
+# injection, now done by the tests themselves). Dropped on load, so that models registered before their
+# removal still load; they never had an effect on the weights.
+RETIRED_KEYS = {"train": ("inject_nonfinite_from", "inject_nonfinite_steps")}
+
+
 def config_of(state: dict[str, Any]) -> VAEGANConfig:
-    return from_dict(VAEGANConfig, state["config"])
+    config = {section: {k: v for k, v in values.items() if k not in RETIRED_KEYS.get(section, ())}
+              if isinstance(values, dict) else values for section, values in state["config"].items()}
+    return from_dict(VAEGANConfig, config)
