@@ -41,6 +41,15 @@ class Outputs(StepOutputs):
     def image_shape(self) -> list[int]:
         return self.manifest["image_shape"]
 
+    @property
+    def train_rows(self) -> int:
+        return int(self.manifest["counts"]["train"])
+
+    @property
+    def train_rows_source(self) -> str:
+        """Where ``train_rows`` comes from, for messages."""
+        return f"{self.train_rows} training images in the preprocessed train split {self.split_dir('train').parent}"
+
     def split_dir(self, split: str) -> Path:
         return self.path / f"split={split}"
 
