@@ -118,6 +118,18 @@ def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str = "",
     return run.info.run_id
 
 
+@names_an_unreachable_server
+def run_exists(uri: str, run_id: str) -> bool:
+    """Whether the store at ``uri`` holds run ``run_id`` (a cached step's run may live on another server)."""
+    try:
+        client(uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def client(uri: str) -> MlflowClient:
     bounded_retries()
     return MlflowClient(uri)

@@ -1,4 +1,5 @@
 """The alias moves only for a better model on the same data, against a real MLflow server."""
+import dataclasses
 import http.client
 import http.server
 import json
@@ -9,7 +10,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import registry, tracking
-from pipelines.config import RegisterConfig
+from pipelines.config import PipelineConfig, RegisterConfig
+from pipelines.context import RunContext
+from pipelines.steps import evaluate, preprocess, train
+from pipelines.steps import register as register_step
 from vaegan.checkpoint import save_checkpoint
 from vaegan.config import VAEGANConfig
 from vaegan.nets import build_nets
@@ -129,3 +133,25 @@ def test_an_unreadable_alias_fails_the_step_and_leaves_the_alias(mlflow_server, 
     assert "\n" not in message
     assert proxy.url in message and f"model '{name}'" in message and "alias 'champion'" in message
     assert MlflowClient(mlflow_server).get_model_version_by_alias(name, "champion").version == "1"
+
+
+def test_the_register_step_on_another_registry_logs_the_model_into_a_run_there(mlflow_server, checkpoint, tmp_path):
+    """The register step reruns when the tracking URI changes (its key holds it), but the cached train step's
+    MLflow run lives on the old server: the model goes into a run of its own on the new one."""
+    cfg = PipelineConfig()
+    cfg = dataclasses.replace(cfg, register=RegisterConfig(model_name="moved-registry", experiment="registry-test"))
+    experiment = tracking.ensure_experiment(mlflow_server, "registry-test", tmp_path)
+    parent = tracking.start_run(mlflow_server, experiment, "pipeline")
+    ctx = RunContext(run_dir=str(tmp_path), tracking_uri=mlflow_server, experiment_id=experiment,
+                     parent_run_id=parent, step_key="abc")
+    inputs = register_step.Inputs(
+        preprocess=preprocess.Outputs(manifest={"fingerprint": "data-a", "image_shape": [1, 28, 28]}),
+        train=train.Outputs(checkpoint=checkpoint.name, mlflow_run_id="0123456789abcdef0123456789abcdef",
+                            best_epoch=1, epochs_run=1, val_fid=1.0, faults={}, config={}, folder=str(checkpoint.parent)),
+        evaluate=evaluate.Outputs(metrics={"fid": 3.0}, feature_net="none", num_images=8))
+    outputs = register_step.run(cfg, ctx, inputs, tmp_path)
+    assert outputs.model_uri == "models:/moved-registry@champion"
+    version = MlflowClient(mlflow_server).get_model_version("moved-registry", str(outputs.model_version))
+    run = MlflowClient(mlflow_server).get_run(version.run_id)
+    assert run.info.run_name == "register-abc" and run.data.tags[tracking.PARENT_TAG] == parent
+    assert run.info.status == "FINISHED"

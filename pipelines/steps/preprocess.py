@@ -33,6 +33,11 @@ class Inputs:
 CACHE_KEY = ("data", "model.image_size", "model.channels")
 
 
+def cache_extra(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+    """The source's files (names, sizes, mtimes, a sampled content hash): an edited source is preprocessed again."""
+    return {"source": shards.source_signature(cfg.data)}
+
+
 @dataclasses.dataclass(kw_only=True)
 class Outputs(StepOutputs):
     manifest: dict[str, Any]
