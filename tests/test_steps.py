@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from pipelines import dag
+from pipelines import dag, model_eval
 from pipelines.config import DataConfig, PipelineConfig
 from pipelines.context import RunContext, StepResult
 from pipelines.steps import preprocess, train, tune
@@ -129,3 +129,21 @@ def test_a_rerun_after_a_source_edit_preprocesses_again(tmp_path):
     Image.fromarray(np.full((28, 28), 255, np.uint8)).save(edited)
     status, second = preprocess_status()
     assert status == "ran" and second != first
+
+
+def test_evaluate_clears_only_the_folders_it_marked(tmp_path):
+    """`vaegan evaluate`'s preprocess folder: its own (marked) is cleared for the new shards, an empty one is
+    taken, a user's non-empty one is refused untouched."""
+    ours = model_eval.fresh_folder(tmp_path / "ours", "--out's preprocess folder")
+    (ours / "split=train").mkdir()
+    (ours / "split=train" / "old.parquet").write_bytes(b"old shards")
+    assert model_eval.fresh_folder(ours, "--out's preprocess folder") == ours
+    assert sorted(p.name for p in ours.iterdir()) == [model_eval.OWNER_MARK]
+    (tmp_path / "empty").mkdir()
+    assert (model_eval.fresh_folder(tmp_path / "empty", "x") / model_eval.OWNER_MARK).is_file()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("a user's own file\n")
+    with pytest.raises(ConfigError, match=r"holds files `vaegan evaluate` did not write \(notes.txt\); allowed: "):
+        model_eval.fresh_folder(theirs, "--out's preprocess folder")
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
