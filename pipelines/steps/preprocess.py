@@ -53,7 +53,7 @@ class Outputs(StepOutputs):
     @property
     def train_rows_source(self) -> str:
         """Where ``train_rows`` comes from, for messages."""
-        return f"{self.train_rows} training images in the preprocessed train split {self.split_dir('train').parent}"
+        return f"{self.train_rows} training images in the preprocessed train split {self.path}"
 
     def split_dir(self, split: str) -> Path:
         return self.path / f"split={split}"

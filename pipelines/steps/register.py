@@ -49,10 +49,15 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
         # The cached train step logged to another tracking server: the model needs a run on this one.
         run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"register-{ctx.step_key}", ctx.parent_run_id)
         own_run = True
-    registered = registry.register(
-        cfg.register, ctx.tracking_uri, run_id=run_id, checkpoint=inputs.train.checkpoint_path,
-        metrics=inputs.evaluate.metrics, feature_net=inputs.evaluate.feature_net,
-        fingerprint=inputs.preprocess.manifest["fingerprint"], image_shape=inputs.preprocess.image_shape)
+    try:
+        registered = registry.register(
+            cfg.register, ctx.tracking_uri, run_id=run_id, checkpoint=inputs.train.checkpoint_path,
+            metrics=inputs.evaluate.metrics, feature_net=inputs.evaluate.feature_net,
+            fingerprint=inputs.preprocess.manifest["fingerprint"], image_shape=inputs.preprocess.image_shape)
+    except BaseException:
+        if own_run:
+            tracking.end_run_if_reachable(ctx.tracking_uri, run_id, "FAILED")
+        raise
     if own_run:
         tracking.end_run(ctx.tracking_uri, run_id)
     return Outputs(**registered, folder=str(out))
