@@ -185,6 +185,35 @@ def _writable(path: Path) -> Path:
     return path
 
 
+class TrackingServerDown(UserError):
+    """The tracking server in MLFLOW_TRACKING_URI does not answer at all."""
+
+
+def check_tracking_server(model_uri: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the server, when the http(s) MLFLOW_TRACKING_URI refuses connections, does not
+    resolve or does not answer within ``timeout`` seconds. Any HTTP answer (even an error) means it is there;
+    MLflow's own calls then say what is wrong. Stdlib only: this runs before torch and MLflow are imported."""
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parts = urllib.parse.urlsplit(configured)
+    if parts.scheme not in ("http", "https"):
+        return
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")  # no credentials
+    try:
+        urllib.request.urlopen(f"{bare}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except OSError as err:  # URLError is one; its reason is the socket's error
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, (ConnectionError, TimeoutError, socket.gaierror)):
+            raise TrackingServerDown(f"MLflow tracking server {bare} (MLFLOW_TRACKING_URI) does not answer "
+                                     f"({reason}), so model {model_uri!r} cannot be loaded; allowed: "
+                                     "MLFLOW_TRACKING_URI naming a running server") from err
+
+
 def _user_error(err: BaseException) -> BaseException | None:
     """The user-facing error (a ``vaegan.errors.UserError``) inside ``err`` (Ray wraps a task's exception), if it
     is one. The base lives in a module of its own that imports nothing, so `vaegan --help` and a config mistake
@@ -207,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.verb not in ("run", "sweep"):  # the pipeline's own client bounds its retries; these call MLflow directly
+            check_tracking_server(args.model)  # before seconds of importing torch and MLflow
+            from .tracking import bounded_retries
+            bounded_retries()  # MLflow's default retries keep the caller of a dead server waiting ~4 minutes
         command = {"run": cmd_run, "sweep": cmd_sweep, "evaluate": cmd_evaluate}.get(args.verb, cmd_pull)
         return command(args)
     except KeyboardInterrupt:

@@ -138,6 +138,16 @@ class PipelineConfig(VAEGANConfig):
                             opt_dis=self.opt_dis, train=core_train)
 
 
+def check_batch_fits(cfg: PipelineConfig, train_rows: int, what: str) -> None:
+    """Each Train worker gets at least one batch: Ray Train splits the train split equally, ``train_rows //
+    train.num_workers`` rows each, and workers drop their last partial batch, so a larger batch would train
+    zero steps an epoch without a word. ``what`` says where ``train_rows`` comes from."""
+    per_worker = train_rows // cfg.train.num_workers
+    if cfg.train.batch_size > per_worker:
+        raise ConfigError(f"config key 'train.batch_size' has invalid value {cfg.train.batch_size}; allowed: at most "
+                          f"{per_worker} ({what}, shared by train.num_workers={cfg.train.num_workers})")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.epochs=3"`` -> (["train", "epochs"], 3); the value is read as YAML (numbers, booleans)."""
     key, sep, raw = text.partition("=")

@@ -53,8 +53,15 @@ def cache_section(name: str, cfg: PipelineConfig) -> dict[str, Any]:
     return section
 
 
-def step_key(name: str, cfg: PipelineConfig, upstream: dict[str, StepResult]) -> str:
-    return stable_hash(name, cache_section(name, cfg), {up: result.key for up, result in upstream.items()})
+def step_key(name: str, cfg: PipelineConfig, ctx: RunContext, upstream: dict[str, StepResult]) -> str:
+    """The hash of the step's ``CACHE_KEY`` values, its upstream keys and, where the step defines
+    ``cache_extra(cfg, ctx) -> dict``, what that returns: what its outputs depend on beyond the config (the
+    source's files, the registry it writes to)."""
+    parts = [name, cache_section(name, cfg), {up: result.key for up, result in upstream.items()}]
+    extra = getattr(step_module(name), "cache_extra", None)
+    if extra is not None:
+        parts.append(extra(cfg, ctx))
+    return stable_hash(*parts)
 
 
 def remove_stale_partials(run_dir: Path) -> list[Path]:
@@ -85,7 +92,7 @@ def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: b
     step = step_module(name)
     results = {n: result for up in upstream for n, result in up.items()}
     ups = {n: results[n] for n in upstream_of(name)}
-    key = step_key(name, cfg, ups)
+    key = step_key(name, cfg, ctx, ups)
     final = Path(ctx.run_dir) / f"{name}-{key}"
     if final.is_dir() and not force:
         results[name] = StepResult(name, key, "cached", 0.0, read_outputs(step.Outputs, final))

@@ -35,6 +35,9 @@ from .steps.evaluate import score_checkpoint
 from .steps.train import write_grids
 
 MANIFEST = "manifest.json"
+# In every folder `vaegan evaluate` creates. Only a folder holding it is ever cleared; a non-empty folder
+# without it is the user's, and nothing is written into it.
+OWNER_MARK = ".vaegan-evaluate"
 
 
 @dataclasses.dataclass
@@ -72,10 +75,8 @@ def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> preprocess.O
         candidates = sorted((p.parent for p in path.glob(f"preprocess-*/{MANIFEST}")),
                             key=lambda p: p.stat().st_mtime, reverse=True)
     else:  # a source: preprocess it with Ray Data as the pipeline would
+        target = fresh_folder(out / "preprocess", "--out's preprocess folder")
         connect_ray()
-        target = out / "preprocess"
-        shutil.rmtree(target, ignore_errors=True)  # ours from an earlier evaluate: write_parquet would add to it
-        target.mkdir(parents=True)
         data_cfg = DataConfig(source=str(path.resolve()) if path else "")
         data_cfg.validate()
         data_cfg.check_source()
@@ -87,8 +88,33 @@ def preprocessed_data(data: str, cfg: PipelineConfig, out: Path) -> preprocess.O
     raise ConfigError(f"--data {data!r} holds no preprocessed data of the model's shape {shape}")
 
 
+def claim_folder(path: Path, what: str) -> Path:
+    """``path`` as a folder of ours: created, or empty, or marked by an earlier `vaegan evaluate`. A folder
+    holding anything else is refused before anything is written."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file; allowed: a new or empty folder, or one an earlier "
+                          "`vaegan evaluate` wrote")
+    if path.is_dir() and not (path / OWNER_MARK).is_file():
+        held = sorted(p.name for p in path.iterdir())
+        if held:
+            raise ConfigError(f"{what} {str(path)!r} holds files `vaegan evaluate` did not write ({', '.join(held[:3])}"
+                              f"{', ...' if len(held) > 3 else ''}); allowed: a new or empty folder, or one an "
+                              f"earlier `vaegan evaluate` wrote (it holds {OWNER_MARK})")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OWNER_MARK).touch()
+    return path
+
+
+def fresh_folder(path: Path, what: str) -> Path:
+    """An empty folder of ours at ``path``: one an earlier `vaegan evaluate` wrote is cleared (write_parquet
+    would add to it); anyone else's is refused by ``claim_folder``."""
+    if (path / OWNER_MARK).is_file():
+        shutil.rmtree(path)
+    return claim_folder(path, what)
+
+
 def evaluate(request: EvaluateRequest) -> dict[str, Any]:
-    request.out.mkdir(parents=True, exist_ok=True)
+    claim_folder(request.out, "--out folder")
     with tempfile.TemporaryDirectory() as tmp:
         state = download_checkpoint(request.model_uri, Path(tmp))
     eval_cfg = dataclasses.replace(request.eval, num_images=request.num_images)

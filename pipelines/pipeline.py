@@ -15,7 +15,7 @@ from vaegan.config import ConfigError
 
 from . import dag, shards, tracking
 from .cluster import check_fits_local_ray, connect_ray, local_resources
-from .config import PipelineConfig, flatten
+from .config import PipelineConfig, check_batch_fits, flatten
 from .context import RunContext, StepResult
 
 SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units", "elbo_gap")
@@ -37,11 +37,8 @@ def check_data_fits(cfg: PipelineConfig) -> None:
     rows, what = counts["train"], f"{'' if exact else 'an expected '}{counts['train']} training images"
     if cfg.tune.enabled and 0 < cfg.tune.train_limit < rows:
         rows, what = cfg.tune.train_limit, f"tune.train_limit={cfg.tune.train_limit} training images per trial"
-    per_worker = rows // cfg.train.num_workers
-    if cfg.train.batch_size > per_worker:
-        raise ConfigError(f"config key 'train.batch_size' has invalid value {cfg.train.batch_size}; allowed: at most "
-                          f"{per_worker} ({what} of {cfg.data.source or 'Fashion-MNIST'} with data.limit="
-                          f"{cfg.data.limit}, shared by train.num_workers={cfg.train.num_workers})")
+    # For Parquet the count is an estimate: the train and tune steps check again with the real one.
+    check_batch_fits(cfg, rows, f"{what} of {cfg.data.source or 'Fashion-MNIST'} with data.limit={cfg.data.limit}")
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:

@@ -53,11 +53,28 @@ def log_pyfunc(uri: str, run_id: str, checkpoint: Path, image_shape: list[int]) 
     return info.model_uri
 
 
-def champion(client: MlflowClient, name: str, alias: str):
+def champion(client: MlflowClient, uri: str, name: str, alias: str):
+    """The version holding ``alias``, or None when the alias is not set. Any other failure to read it (a
+    refusal, a server error, a timeout) raises: taking it for "no holder" would hand the alias to a model
+    that may be worse than the one holding it."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if alias_not_set(err, alias):
+            return None
+        reason = str(err).splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise tracking.TrackingError(
+            f"MLflow tracking server {uri}: cannot read which version of model {name!r} holds alias {alias!r} "
+            f"({reason}); the alias is left where it was: rerun once this user can read the model's aliases "
+            "on that server") from err
+
+
+def alias_not_set(err: MlflowException, alias: str) -> bool:
+    """Whether ``err`` says only that ``alias`` is not set. MLflow's stores answer INVALID_PARAMETER_VALUE
+    "Registered model alias X not found." for that; RESOURCE_DOES_NOT_EXIST is the not-found code."""
+    if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return err.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in str(err)
 
 
 def alias_decision(current, score: float, fingerprint: str) -> tuple[bool, str]:
@@ -95,7 +112,7 @@ def new_version(uri: str, cfg: RegisterConfig, model_uri: str, checkpoint: Path,
     missing = missing_artifacts(f"models:/{cfg.model_name}/{version}", checkpoint)
     if missing:
         return version, False, f"v{version}'s artifacts are incomplete ({missing}); the alias stays where it was"
-    move, reason = alias_decision(champion(client, cfg.model_name, cfg.alias), float(tags[SCORE_TAG]),
+    move, reason = alias_decision(champion(client, uri, cfg.model_name, cfg.alias), float(tags[SCORE_TAG]),
                                   tags[FINGERPRINT_TAG])
     if move:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)

@@ -118,6 +118,18 @@ def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str = "",
     return run.info.run_id
 
 
+@names_an_unreachable_server
+def run_exists(uri: str, run_id: str) -> bool:
+    """Whether the store at ``uri`` holds run ``run_id`` (a cached step's run may live on another server)."""
+    try:
+        client(uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def client(uri: str) -> MlflowClient:
     bounded_retries()
     return MlflowClient(uri)
@@ -197,11 +209,27 @@ def require_sent(uri: str, run_id: str, unsent: int, checkpoints: str) -> None:
                             "checkpoint and nothing is registered until then)")
 
 
+def is_rejection(err: BaseException) -> bool:
+    """Whether the server answered ``err`` with a 4xx (other than 429 Too Many Requests): the call itself is
+    refused and will be again. Connection errors, timeouts and 5xx (MLflow's client reports the first two, and
+    5xx after its retries, as "API request to ... failed with [timeout] exception") are an outage instead: the
+    same call may succeed later."""
+    if not isinstance(err, MlflowException):
+        return False
+    if str(err).startswith("API request to") and ("failed with exception" in str(err)
+                                                   or "failed with timeout exception" in str(err)):
+        return False
+    status = err.get_http_status_code()
+    return 400 <= status < 500 and status != 429
+
+
 class BufferedRunLogger:
     """Training's MLflow logging, from world rank 0 only, into the run the driver created.
 
     A tracking server that goes away must not stop training: whatever cannot be sent is kept, in order,
-    and sent before the next epoch's figures once the server answers again. ``unsent()`` counts what is
+    and sent before the next epoch's figures once the server answers again. A call the server refuses (a
+    4xx, e.g. a param re-logged with another value) would be refused again: it is dropped with one line
+    instead of holding back everything after it. ``unsent()`` counts what is
     still held; the driver fails the step with a clear error instead of registering a model whose run
     lacks them.
     """
@@ -211,6 +239,7 @@ class BufferedRunLogger:
         self.uri, self.run_id = uri, run_id
         self.pending: list[Callable[[], None]] = []
         self.outage_reported = False
+        self.rejected = 0
         self.client = client(uri) if self.enabled else None
 
     def log_nodes(self, nodes: list[str]) -> None:
@@ -235,6 +264,13 @@ class BufferedRunLogger:
     def unsent(self) -> int:
         return len(self.pending)
 
+    def _report_rejection(self, err: MlflowException) -> None:
+        if not self.rejected:
+            print(f"[train] MLflow at {self.uri} rejected a logging call of run {self.run_id} "
+                  f"({str(err).splitlines()[0][:200]}); it is dropped and the other figures are sent "
+                  "(later rejections are dropped silently)", flush=True)
+        self.rejected += 1
+
     def _artifact(self, png: Path, folder: str) -> Callable[[], None]:
         def send() -> None:
             self.client.log_artifact(self.run_id, str(png), artifact_path=folder)
@@ -248,7 +284,11 @@ class BufferedRunLogger:
         while self.pending:
             try:
                 self.pending[0]()
-            except (MlflowException, OSError) as err:  # requests' errors are OSErrors; either means "not now"
+            except (MlflowException, OSError) as err:  # requests' errors are OSErrors
+                if is_rejection(err):  # sending it again gets the same answer: drop it, keep the rest flowing
+                    self._report_rejection(err)
+                    self.pending.pop(0)
+                    continue
                 if not self.outage_reported:
                     print(f"[train] MLflow at {self.uri} is not answering ({type(err).__name__}); training goes on "
                           "and its figures are sent once it is back", flush=True)

@@ -413,3 +413,20 @@ def test_debug_shows_the_traceback_of_a_user_error(args):
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr
     assert "vaegan.config.ConfigError: pipelines/configs/smoke.yaml: unknown config key 'train.epoch'" in done.stderr
+
+
+def test_evaluate_never_clears_a_folder_it_did_not_write(registered, tmp_path):
+    """`vaegan evaluate --out DIR` writes DIR/preprocess; a user's own DIR/preprocess survives and the command
+    stops with one line instead (it used to be deleted by shutil.rmtree)."""
+    out = tmp_path / "out"
+    (out / "preprocess").mkdir(parents=True)
+    (out / "preprocess" / "notes.txt").write_text("a user's own file\n")
+    write_pngs(tmp_path / "images", 40)
+    before = fingerprint(tmp_path)
+    done = run_cli("evaluate", "--model", CHAMPION, "--data", str(tmp_path / "images"), "--n", "8", "--out", str(out),
+                   env={"MLFLOW_TRACKING_URI": registered}, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, lines
+    assert str(out) in lines[0] and "allowed:" in lines[0]
+    assert fingerprint(tmp_path) == before

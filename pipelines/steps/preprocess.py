@@ -33,6 +33,11 @@ class Inputs:
 CACHE_KEY = ("data", "model.image_size", "model.channels")
 
 
+def cache_extra(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+    """The source's files (names, sizes, mtimes, a sampled content hash): an edited source is preprocessed again."""
+    return {"source": shards.source_signature(cfg.data)}
+
+
 @dataclasses.dataclass(kw_only=True)
 class Outputs(StepOutputs):
     manifest: dict[str, Any]
@@ -40,6 +45,15 @@ class Outputs(StepOutputs):
     @property
     def image_shape(self) -> list[int]:
         return self.manifest["image_shape"]
+
+    @property
+    def train_rows(self) -> int:
+        return int(self.manifest["counts"]["train"])
+
+    @property
+    def train_rows_source(self) -> str:
+        """Where ``train_rows`` comes from, for messages."""
+        return f"{self.train_rows} training images in the preprocessed train split {self.path}"
 
     def split_dir(self, split: str) -> Path:
         return self.path / f"split={split}"

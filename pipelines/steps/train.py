@@ -22,7 +22,7 @@ from vaegan.config import from_dict
 from vaegan.inference import GenerativeModel
 
 from .. import plots, tracking
-from ..config import PipelineConfig, flatten, merge
+from ..config import PipelineConfig, check_batch_fits, flatten, merge
 from ..context import RunContext, StepOutputs
 from ..training import SCORE, best_checkpoint_state, fit_tracked
 from ..worker import save_grids
@@ -59,6 +59,7 @@ class Outputs(StepOutputs):
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
     cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), inputs.tune.overrides))
     data = inputs.preprocess
+    check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
     featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
     outcome, run_id = fit_tracked(cfg, ctx, data.path, data.image_shape, featnet_path,
                                   name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)))

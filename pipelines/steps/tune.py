@@ -13,7 +13,7 @@ from typing import Any
 
 from tune import sweep
 
-from ..config import PipelineConfig
+from ..config import PipelineConfig, check_batch_fits
 from ..context import RunContext, StepOutputs
 from . import preprocess
 
@@ -41,6 +41,10 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     if not cfg.tune.enabled:
         return Outputs(enabled=False, overrides={}, folder=str(out))
     data = inputs.preprocess
+    if 0 < cfg.tune.train_limit < data.train_rows:
+        check_batch_fits(cfg, cfg.tune.train_limit, f"tune.train_limit={cfg.tune.train_limit} training images per trial")
+    else:
+        check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
     featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
     outcome = sweep.run(cfg, ctx, data.path, data.image_shape, featnet_path, out)
     return Outputs(enabled=True, folder=str(out), **dataclasses.asdict(outcome))
