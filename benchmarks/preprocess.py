@@ -140,9 +140,9 @@ def numpy_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: str) 
     rss_before_mb = psutil.Process().memory_info().rss / MiB
     start = time.perf_counter()
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
-    blocks, classes = preprocess.idx_blocks(cfg)
+    blocks, classes = shards.idx_blocks(cfg)
     shape = {"image_size": model_cfg.image_size, "channels": model_cfg.channels}
-    tables: dict[str, list[pa.Table]] = {split: [] for split in preprocess.SPLITS}
+    tables: dict[str, list[pa.Table]] = {split: [] for split in shards.SPLITS}
     for block in blocks:
         for first in range(0, len(block["key"]), BATCH_ROWS):
             batch = {name: column[first:first + BATCH_ROWS] for name, column in block.items()}
@@ -170,13 +170,13 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
     start = time.perf_counter()
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
     root = Path(cfg.source).resolve()
-    classes = preprocess.image_classes(root)
+    classes = shards.image_classes(root)
     files = shards.image_files(root, cfg.limit)
     shape = {"image_size": model_cfg.image_size, "channels": model_cfg.channels}
     with SplitWriter(Path(out_dir), cfg.rows_per_file) as writer:
         for first in range(0, len(files), BATCH_ROWS):
             chunk = files[first:first + BATCH_ROWS]
-            batch = preprocess.read_image_files({"path": np.array([str(f) for f in chunk])}, str(root), classes)
+            batch = shards.read_image_files({"path": np.array([str(f) for f in chunk])}, str(root), classes)
             writer.write(shards.transform_batch(batch, data, shape))
     written = time.perf_counter()
     manifest = shards.build_manifest(Path(out_dir), "images", cfg, model_cfg, classes)

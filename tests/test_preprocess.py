@@ -79,12 +79,12 @@ def test_an_empty_split_is_a_clear_error(tmp_path):
 def test_split_is_a_deterministic_hash_of_the_row_key():
     cfg = DataConfig(val_fraction=0.1, test_fraction=0.2, seed=3)
     keys = np.arange(20000)
-    split = preprocess._split_of(keys, None, cfg)
-    assert np.array_equal(split, preprocess._split_of(keys, None, cfg))
+    split = shards._split_of(keys, None, cfg)
+    assert np.array_equal(split, shards._split_of(keys, None, cfg))
     assert abs((split == "test").mean() - 0.2) < 0.02 and abs((split == "val").mean() - 0.1) < 0.02
     shuffled = np.random.default_rng(0).permutation(keys)  # block order does not matter
-    assert np.array_equal(preprocess._split_of(shuffled, None, cfg), split[shuffled])
-    other_seed = preprocess._split_of(keys, None, DataConfig(val_fraction=0.1, test_fraction=0.2, seed=4))
+    assert np.array_equal(shards._split_of(shuffled, None, cfg), split[shuffled])
+    other_seed = shards._split_of(keys, None, DataConfig(val_fraction=0.1, test_fraction=0.2, seed=4))
     assert not np.array_equal(split, other_seed)
-    fixed = preprocess._split_of(keys[:10], np.array([True] * 5 + [False] * 5), cfg)
+    fixed = shards._split_of(keys[:10], np.array([True] * 5 + [False] * 5), cfg)
     assert (fixed[:5] == "test").all() and "test" not in fixed[5:]  # a source's own test file is kept

@@ -11,7 +11,6 @@ Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps evaluate`` (
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
