@@ -35,7 +35,8 @@ class VAEGANPyfunc(PythonModel):
         from vaegan.checkpoint import load_checkpoint
         from vaegan.inference import GenerativeModel
 
-        torch.set_grad_enabled(False)
+        # No global torch.set_grad_enabled(False): loading a model into a user's Python session must not
+        # switch off autograd for the rest of it. GenerativeModel's methods run under inference_mode.
         self.model = GenerativeModel.from_checkpoint(load_checkpoint(context.artifacts["checkpoint"]))
 
     def predict(self, context, model_input, params=None):

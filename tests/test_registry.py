@@ -5,10 +5,14 @@ import http.server
 import json
 import threading
 import urllib.parse
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from deploy.pyfunc_model import VAEGANPyfunc
 from pipelines import registry, tracking
 from pipelines.config import PipelineConfig, RegisterConfig
 from pipelines.context import RunContext
@@ -155,3 +159,13 @@ def test_the_register_step_on_another_registry_logs_the_model_into_a_run_there(m
     run = MlflowClient(mlflow_server).get_run(version.run_id)
     assert run.info.run_name == "register-abc" and run.data.tags[tracking.PARENT_TAG] == parent
     assert run.info.status == "FINISHED"
+
+
+def test_loading_the_pyfunc_leaves_autograd_on_in_the_callers_process(checkpoint):
+    """A user who loads the model into a training session keeps their gradients (the predictions themselves run
+    under inference_mode)."""
+    model = VAEGANPyfunc()
+    model.load_context(SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}))
+    samples = model.predict(None, np.zeros((1, 1, 28, 28), np.float32), params={"mode": "sample", "num_samples": 2})
+    assert samples.shape == (2, 1, 28, 28)
+    assert torch.is_grad_enabled()
