@@ -423,7 +423,7 @@ def test_evaluate_never_clears_a_folder_it_did_not_write(registered, tmp_path):
     (out / "preprocess" / "notes.txt").write_text("a user's own file\n")
     write_pngs(tmp_path / "images", 40)
     before = fingerprint(tmp_path)
-    done = run_cli("evaluate", "--model", CHAMPION, "--data", str(tmp_path / "images"), "--n", "8", "--out", str(out),
+    done = run_cli("evaluate", "--model", CHAMPION, "--data", str(tmp_path / "images"), "--n", "16", "--out", str(out),
                    env={"MLFLOW_TRACKING_URI": registered}, timeout=600)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
