@@ -31,7 +31,10 @@ def connect_ray() -> bool:
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}}
     if local:
         have = local_resources()
-        ray.init(num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env)
+        # address="local": without it Ray joins the cluster named in /tmp/ray/ray_current_cluster, the last
+        # `ray start` on this machine, even one that is long gone (then init fails: "When connecting to an
+        # existing cluster, num_cpus and num_gpus must not be provided"). RAY_ADDRESS alone picks a cluster.
+        ray.init(address="local", num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env)
     else:
         ray.init(runtime_env=runtime_env)
     return local
