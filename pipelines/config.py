@@ -79,6 +79,8 @@ class TuneConfig:
     reduction_factor: int = 2
     train_limit: int = 0  # training rows each trial reads (0 = all)
     seed: int = 0
+    # Keys the YAML file or --set gives are left as given, not searched, unless listed here ("loss.gamma").
+    search_keys: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(self.num_samples > 0, "tune.num_samples", self.num_samples, "a positive integer")
@@ -87,6 +89,8 @@ class TuneConfig:
                  f"an integer in [1, tune.max_epochs={self.max_epochs}]")
         _require(self.reduction_factor >= 2, "tune.reduction_factor", self.reduction_factor, "an integer >= 2")
         _require(self.train_limit >= 0, "tune.train_limit", self.train_limit, "an integer >= 0")
+        for key in self.search_keys:
+            _require(key.count(".") == 1, "tune.search_keys", key, "keys in the --set form, e.g. loss.gamma")
 
 
 @dataclass
@@ -124,6 +128,9 @@ class PipelineConfig(VAEGANConfig):
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    # Filled by load_config, not written by users: the keys ("section.name") that the YAML file or --set
+    # gave, so that the sweep leaves them as given (tune.search_keys overrides).
+    given_keys: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
@@ -182,7 +189,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     try:
-        return from_dict(PipelineConfig, apply_overrides(data, overrides or []))
+        data = apply_overrides(data, overrides or [])
+        data["given_keys"] = sorted(key for key in flatten(data) if "." in key)
+        return from_dict(PipelineConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 

@@ -64,6 +64,15 @@ def step_key(name: str, cfg: PipelineConfig, ctx: RunContext, upstream: dict[str
     return stable_hash(*parts)
 
 
+def check_steps(cfg: PipelineConfig, selected: list[str]) -> None:
+    """Run the driver-side checks of the selected steps that define ``check(cfg)``: what only a step knows
+    to be wrong with the config is refused before Ray starts."""
+    for name in selected:
+        check = getattr(step_module(name), "check", None)
+        if check is not None:
+            check(cfg)
+
+
 def remove_stale_partials(run_dir: Path) -> list[Path]:
     """Delete the hidden temporary folders an interrupted run left (a killed step never reaches its
     ``finally``); they were never visible as step outputs, so nothing complete is touched."""

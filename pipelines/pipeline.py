@@ -54,6 +54,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     check_run_dir(run_dir)
     cfg.data.check_source()
     check_data_fits(cfg)
+    dag.check_steps(cfg, steps)
     if not os.environ.get("RAY_ADDRESS"):
         check_fits_local_ray(cfg, local_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,7 @@ def build_summary(uri: str, results: dict[str, StepResult]) -> dict[str, Any]:
     registration = results["register"].outputs if "register" in results else None
     evaluation = results["evaluate"].outputs if "evaluate" in results else None
     train = results["train"].outputs if "train" in results else None
+    tune = results["tune"].outputs if "tune" in results else None
     return {
         "tracking_uri": uri,
         "model_uri": registration and registration.model_uri,
@@ -98,6 +100,7 @@ def build_summary(uri: str, results: dict[str, StepResult]) -> dict[str, Any]:
         "data_fingerprint": manifest["fingerprint"],
         "data_counts": manifest["counts"],
         "train_faults": train and train.faults,
+        "sweep": tune and {"chose": flatten(tune.overrides), "left_as_given": tune.left_as_given},
         "steps": {name: {"status": r.status, "seconds": round(r.seconds, 3), "key": r.key}
                   for name, r in results.items()},
     }

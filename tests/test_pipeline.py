@@ -15,8 +15,9 @@ SUMMARY_KEYS = {"tracking_uri", "model_uri", "model_name", "model_version", "ali
 METRIC_KEYS = {"fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units"}
 STEPS = ["preprocess", "tune", "train", "evaluate", "register"]
 # smoke.yaml runs one trial and no VAE baseline; this module's run asks for both, to check the tune table and
-# the baseline's MLflow run (the only Ray run of the suite that pays for them).
-FULL_SMOKE = ("--set", "tune.num_samples=2", "--set", "eval.baseline_vae=true")
+# the baseline's MLflow run (the only Ray run of the suite that pays for them). loss.gamma is given, so the
+# sweep must leave it alone.
+FULL_SMOKE = ("--set", "tune.num_samples=2", "--set", "eval.baseline_vae=true", "--set", "loss.gamma=2.0")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,13 @@ def test_summary_contract(smoke_run, mlflow_server):
         assert (train_dir / png).read_bytes()[:4] == b"\x89PNG"
     tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
     assert len((tune_dir / "trials.csv").read_text().splitlines()) == 1 + 2  # header + FULL_SMOKE's 2 trials
+    # The sweep chose the open keys and left the given one: the model trained with the user's loss.gamma.
+    assert summary["sweep"]["left_as_given"] == ["loss.gamma"]
+    assert "loss.gamma" not in summary["sweep"]["chose"] and "opt_dec.lr" in summary["sweep"]["chose"]
+    train_outputs = json.loads((train_dir / "outputs.json").read_text())
+    assert train_outputs["config"]["loss"]["gamma"] == 2.0
+    assert train_outputs["config"]["opt_dec"]["lr"] == summary["sweep"]["chose"]["opt_dec.lr"]
+    assert "[tune] leaving loss.gamma=2.0 as given" in first.stdout + first.stderr
     assert not list(run_dir.glob(".*.tmp-*")), "no half-written step folder may remain"
 
 
@@ -113,7 +121,8 @@ def test_sweep_verb_writes_the_report(smoke_run, mlflow_server):
     assert f"sweep report: {tune_dir / 'trials.md'}" in done.stdout  # same config: the sweep is reused
     lines = (tune_dir / "trials.md").read_text().splitlines()
     header, rows = lines[0], lines[2:]  # lines[1] is the markdown rule
-    assert "val/fid" in header and "epochs" in header and "loss.gamma" in header and len(rows) == 2
+    assert "val/fid" in header and "epochs" in header and "opt_dec.lr" in header and len(rows) == 2
+    assert "loss.gamma" not in header  # given with --set, so not searched
     assert (tune_dir / "trials.png").read_bytes()[:4] == b"\x89PNG"
 
 

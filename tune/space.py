@@ -16,8 +16,9 @@ from ray.tune.search.sample import Categorical, Domain
 GRID_KEYS = {"vaegan": ("loss.gamma", "opt_dec.lr", "opt_dis.lr"), "vae": ("loss.kl_weight", "opt_enc.lr", "opt_dec.lr")}
 
 
-def search_space(kind: str = "vaegan") -> dict[str, Any]:
-    """Ray Tune search space for a model ``kind`` ("vaegan" or the plain "vae")."""
+def search_space(kind: str = "vaegan", leave: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Ray Tune search space for a model ``kind`` ("vaegan" or the plain "vae"), without the keys in
+    ``leave`` ("section.name"): those keep their config values."""
     space: dict[str, Any] = {
         "loss": {"kl_weight": tune.loguniform(0.5, 2.0)},
         "opt_enc": {"lr": tune.loguniform(1e-4, 1e-3)},
@@ -30,7 +31,21 @@ def search_space(kind: str = "vaegan") -> dict[str, Any]:
             "r1_weight": tune.choice([0.0, 1.0, 10.0]),  # penalty weight
         })
         space["opt_dis"] = {"lr": tune.loguniform(5e-5, 5e-4)}
-    return space
+    for key in leave:
+        section, name = key.split(".")
+        space[section].pop(name, None)
+    return {section: values for section, values in space.items() if values}
+
+
+def searchable_keys(kind: str = "vaegan") -> list[str]:
+    """Every key ``search_space(kind)`` searches, in the --set form ("loss.gamma")."""
+    return [f"{section}.{name}" for section, values in search_space(kind).items() for name in values]
+
+
+def left_as_given(kind: str, given_keys: list[str], search_keys: list[str]) -> list[str]:
+    """The searchable keys a user gave (YAML or --set) and did not list in ``tune.search_keys``: the sweep
+    must not replace a value the user chose."""
+    return [key for key in searchable_keys(kind) if key in given_keys and key not in search_keys]
 
 
 

@@ -26,7 +26,7 @@ from pipelines.training import SCORE, fit_tracked
 from vaegan.config import from_dict
 
 from .report import trial_rows, write_report
-from .space import search_space
+from .space import left_as_given, search_space
 
 
 @dataclasses.dataclass
@@ -34,6 +34,7 @@ class SweepOutcome:
     """The best trial's overrides (nested like the config) and what the sweep cost."""
 
     overrides: dict[str, Any]
+    left_as_given: list[str]  # searchable keys the user gave, which the sweep did not touch
     best_score: float
     trials: int
     trial_epochs: int
@@ -55,6 +56,10 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
     """Run the sweep; ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
     for a grid, with ``tune.num_samples=1``: each grid point then runs once)."""
     base = merge(dataclasses.asdict(cfg), {"train": {"epochs": cfg.tune.max_epochs}})  # the trials' budget
+    kept = left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)
+    if kept:
+        print(f"[tune] leaving {', '.join(f'{k}={flatten(base)[k]}' for k in kept)} as given; list them in "
+              "tune.search_keys to search them", flush=True)
     prefix = f"trial-{ctx.step_key}-"
 
     def trial(overrides: dict[str, Any]) -> None:
@@ -68,7 +73,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
         # A trial only drives its Train run, so it must hold no CPU (an actor never lends its CPU back while it
         # waits); Tune refuses an empty request, so it asks for a little memory instead.
         ray_tune.with_resources(trial, {"memory": 64 * 1024**2}),
-        param_space=param_space or search_space(cfg.model.kind),
+        param_space=param_space or search_space(cfg.model.kind, leave=tuple(kept)),
         tune_config=ray_tune.TuneConfig(
             metric=SCORE, mode="min", num_samples=cfg.tune.num_samples,
             scheduler=ASHAScheduler(max_t=cfg.tune.max_epochs, grace_period=cfg.tune.grace_period,
@@ -93,5 +98,5 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
     if best.metrics is None or SCORE not in best.metrics or not math.isfinite(best.metrics[SCORE]):
         raise RuntimeError(f"no Tune trial reported {SCORE}; errors: {[r.error for r in results]}")
     print(f"[tune] best trial {SCORE}={best.metrics[SCORE]:.3f} with {flatten(best.config)}", flush=True)
-    return SweepOutcome(overrides=best.config, best_score=best.metrics[SCORE], trials=len(rows),
+    return SweepOutcome(overrides=best.config, left_as_given=kept, best_score=best.metrics[SCORE], trials=len(rows),
                         trial_epochs=epochs, report=[p.name for p in report])

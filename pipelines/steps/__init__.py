@@ -8,6 +8,9 @@ Every step module has the same shape (``preprocess.py`` is the shortest to read)
     Outputs    a ``StepOutputs`` dataclass: what the step hands downstream, stored as outputs.json
     run(cfg, ctx, inputs, out) -> Outputs    does the work, writing files into the folder ``out``
 
+and may define ``check(cfg)`` (config errors only it can see, raised on the driver before Ray starts) and
+``cache_extra(cfg, ctx) -> dict`` (what its outputs depend on beyond the config, hashed into its key).
+
 Importing this package imports no step (the CLI lists the names without loading torch or Ray).
 """
 STEPS = ("preprocess", "tune", "train", "evaluate", "register")

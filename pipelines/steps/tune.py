@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tune import sweep
+from tune.space import left_as_given, searchable_keys
+from vaegan.config import ConfigError
 
 from ..config import PipelineConfig, check_batch_fits
 from ..context import RunContext, StepOutputs
@@ -31,10 +33,27 @@ CACHE_KEY = ("model", "loss", "opt_enc", "opt_dec", "opt_dis", "train", "tune")
 class Outputs(StepOutputs):
     enabled: bool
     overrides: dict[str, Any]  # nested like the config; {} when the sweep is off
+    left_as_given: list[str] = dataclasses.field(default_factory=list)  # searchable keys the user set
     best_score: float | None = None
     trials: int = 0
     trial_epochs: int = 0
     report: list[str] = dataclasses.field(default_factory=list)
+
+
+def check(cfg: PipelineConfig) -> None:
+    """On the driver, before any compute: every key in ``tune.search_keys`` is one the sweep can search."""
+    allowed = searchable_keys(cfg.model.kind)
+    for key in cfg.tune.search_keys:
+        if key not in allowed:
+            raise ConfigError(f"config key 'tune.search_keys' has invalid value {key!r}; allowed: keys the "
+                              f"{cfg.model.kind} sweep searches ({', '.join(allowed)})")
+
+
+def cache_extra(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
+    """Which keys are searched: a key given at its default value changes no config section, but it does
+    change the search."""
+    return {"searched": [k for k in searchable_keys(cfg.model.kind)
+                         if k not in left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)]}
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
