@@ -3,6 +3,7 @@ machine, and refuse up front a Train run that a local Ray could never place."""
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 import torch
@@ -31,13 +32,27 @@ def connect_ray() -> bool:
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}}
     if local:
         have = local_resources()
+        # Ray Train's PlacementGroupCleaner asks the state API whether its controller lives, with no address:
+        # with a second local Ray on the machine (another pipeline, a sweep) that lookup fails with "Found
+        # multiple active Ray instances", the cleaner dies, its placement group leaks and the next Tune trial
+        # waits forever. Naming this Ray's dashboard, the state API's server, to every worker avoids the guess.
+        dashboard_port = free_port()
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         # address="local": without it Ray joins the cluster named in /tmp/ray/ray_current_cluster, the last
         # `ray start` on this machine, even one that is long gone (then init fails: "When connecting to an
         # existing cluster, num_cpus and num_gpus must not be provided"). RAY_ADDRESS alone picks a cluster.
-        ray.init(address="local", num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env)
+        ray.init(address="local", num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env,
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     else:
         ray.init(runtime_env=runtime_env)
     return local
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def check_fits_local_ray(cfg: PipelineConfig, have: dict[str, float]) -> None:
