@@ -59,9 +59,11 @@ def wait(condition, proc: subprocess.Popen, what: str) -> None:
         time.sleep(0.05)
 
 
-def train_worker_pids() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in found.stdout.split()]
+def train_worker_pids(session: int) -> list[int]:
+    """This run's Train workers: the driver leads a session of its own and its local Ray's processes stay in
+    it (a worker takes a process group of its own, not a session), so another Ray on the host is never picked."""
+    listed = subprocess.run(["ps", "-s", str(session), "-o", "pid=,args="], capture_output=True, text=True, check=False)
+    return [int(line.split()[0]) for line in listed.stdout.splitlines() if "RayTrainWorker" in line]
 
 
 def run(run_dir: Path, quick: bool, kills: int) -> dict[str, Any]:
@@ -70,25 +72,38 @@ def run(run_dir: Path, quick: bool, kills: int) -> dict[str, Any]:
     start = time.perf_counter()
     with open(run_dir / "run.log", "w") as log:
         proc = subprocess.Popen(command(run_dir, quick), cwd=common.REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        recoveries = []
-        for kill in range(1, kills + 1):
-            wait(lambda k=kill: checkpoint_count(run_dir) >= k, proc, f"checkpoint {kill}")
-            at_checkpoint = ledger(run_dir)["step"]
-            wait(lambda s=at_checkpoint: ledger(run_dir).get("step", 0) >= s + 3, proc, "steps after the checkpoint")
-            killed_at = time.perf_counter()
-            os.kill(train_worker_pids()[0], signal.SIGKILL)
-            # Back at work: the restarted group counted the restart and took a step past the one it resumed at.
-            wait(lambda k=kill: ledger(run_dir).get("restarts") == k, proc, "the restart")
-            resumed_at = ledger(run_dir)["step"]
-            wait(lambda s=resumed_at: ledger(run_dir).get("step", 0) > s, proc, "a step after the restart")
-            recoveries.append(round(time.perf_counter() - killed_at, 2))
-            print(f"kill {kill}: recovered in {recoveries[-1]:.1f}s", flush=True)
-        if proc.wait() != 0:
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            recoveries = kill_workers(proc, run_dir, kills)
+        finally:
+            if proc.poll() is None:  # interrupted: its own session no longer gets the terminal's Ctrl-C
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait()
+        if proc.returncode != 0:
             raise RuntimeError(f"the run failed; see {run_dir / 'run.log'}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"seconds": round(time.perf_counter() - start, 1), "train_seconds": summary["steps"]["train"]["seconds"],
             "recovery_seconds": recoveries, "train_faults": summary["train_faults"]}
+
+
+def kill_workers(proc: subprocess.Popen, run_dir: Path, kills: int) -> list[float]:
+    """SIGKILL one of the run's Train workers after each of the first ``kills`` checkpoints; the seconds from
+    each kill to the first training step after it."""
+    recoveries = []
+    for kill in range(1, kills + 1):
+        wait(lambda k=kill: checkpoint_count(run_dir) >= k, proc, f"checkpoint {kill}")
+        at_checkpoint = ledger(run_dir)["step"]
+        wait(lambda s=at_checkpoint: ledger(run_dir).get("step", 0) >= s + 3, proc, "steps after the checkpoint")
+        killed_at = time.perf_counter()
+        os.kill(train_worker_pids(proc.pid)[0], signal.SIGKILL)
+        # Back at work: the restarted group counted the restart and took a step past the one it resumed at.
+        wait(lambda k=kill: ledger(run_dir).get("restarts") == k, proc, "the restart")
+        resumed_at = ledger(run_dir)["step"]
+        wait(lambda s=resumed_at: ledger(run_dir).get("step", 0) > s, proc, "a step after the restart")
+        recoveries.append(round(time.perf_counter() - killed_at, 2))
+        print(f"kill {kill}: recovered in {recoveries[-1]:.1f}s", flush=True)
+    proc.wait()
+    return recoveries
 
 
 def main() -> None:

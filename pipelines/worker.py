@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 
 from vaegan import metrics
-from vaegan.checkpoint import CHECKPOINT_NAME, checkpoint_payload, load_checkpoint, save_checkpoint
+from vaegan.checkpoint import CHECKPOINT_NAME, checkpoint_payload, load_checkpoint, save_checkpoint, weights_digest
 from vaegan.config import from_dict
 from vaegan.data import to_float
 from vaegan.evaluate import sample_quality
@@ -92,6 +92,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             ledger.give_up(str(err))
             return
         summary["images_per_s"] *= world  # the epoch's global throughput
+        summary["ddp/ranks_out_of_sync"] = float(ranks_out_of_sync(trainer, world))
         summary.update(ledger.metrics())
         summary["torch_threads"] = float(torch.get_num_threads())  # Ray sets OMP_NUM_THREADS to the worker's CPUs
         model = GenerativeModel.from_checkpoint(checkpoint_payload(trainer))
@@ -124,6 +125,18 @@ def ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module
     # and re-broadcasting them mid-step would clobber tensors that autograd still needs.
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def ranks_out_of_sync(trainer: VAEGANTrainer, world: int) -> int:
+    """How many ranks end the epoch with weights (every tensor a checkpoint holds) other than rank 0's.
+
+    DDP keeps them equal; anything but 0 is a desync (a missed all-reduce, a per-rank decision) that rank 0's
+    checkpoint alone would hide. Every rank calls it, as it is a collective."""
+    if world == 1:
+        return 0
+    digests: list[Any] = [None] * world
+    dist.all_gather_object(digests, weights_digest(trainer.state_dict()))
+    return sum(digest != digests[0] for digest in digests)
 
 
 def resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipelines.worker import ddp  # the product's per-network DDP wrapping
+from pipelines.worker import ddp, ranks_out_of_sync  # the product's per-network DDP wrapping and its desync count
 from vaegan.nets import build_nets
 from vaegan.step import StepNoise, VAEGANTrainer, unwrap
 
@@ -64,7 +64,13 @@ def rank_main(rank: int, init_file: str, out: str) -> None:
         for case in CASES:
             torch.manual_seed(0)
             nets = [ddp(m, torch.device("cpu")) for m in build_nets(case_config(*case).model)]
-            results.append(step_and_collect(VAEGANTrainer(case_config(*case), *nets), *half(rank, *whole_batch())))
+            trainer = VAEGANTrainer(case_config(*case), *nets)
+            results.append(step_and_collect(trainer, *half(rank, *whole_batch())))
+            results[-1]["out_of_sync"] = ranks_out_of_sync(trainer, WORLD)  # the figure each epoch reports
+        if rank == 1:  # one rank's weights drift by one step of float32: the count must see it
+            with torch.no_grad():
+                next(unwrap(trainer.dec).parameters()).view(-1)[0].nextafter_(torch.tensor(float("inf")))
+        results.append({"out_of_sync": ranks_out_of_sync(trainer, WORLD)})
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -84,8 +90,10 @@ def test_two_gloo_ranks_reduce_to_the_whole_batch_gradient(ranks, case):
     cfg = case_config(*case)
     single = step_and_collect(VAEGANTrainer(cfg, *build_nets(cfg.model)), *whole_batch())
     per_rank = [results[CASES.index(case)] for results in ranks]
+    assert [rank["out_of_sync"] for rank in per_rank] == [0] * WORLD
 
-    assert set(per_rank[0]) == set(single) == ({"enc", "dec", "dis"} if case[0] == "vaegan" else {"enc", "dec"})
+    nets = set(per_rank[0]) - {"out_of_sync"}
+    assert nets == set(single) == ({"enc", "dec", "dis"} if case[0] == "vaegan" else {"enc", "dec"})
     for name, want in single.items():
         for rank in per_rank:
             for got, expected in zip(rank[name]["grads"], want["grads"]):
@@ -93,6 +101,11 @@ def test_two_gloo_ranks_reduce_to_the_whole_batch_gradient(ranks, case):
         # Equal gradients and equal decisions leave every rank with the same weights after the step.
         for a, b in zip(per_rank[0][name]["weights"], per_rank[1][name]["weights"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} weights differ between ranks")
+
+
+def test_a_rank_whose_weights_drifted_is_counted_out_of_sync(ranks):
+    """``ranks_out_of_sync`` (reported each epoch as ddp/ranks_out_of_sync) sees a one-ulp difference."""
+    assert [results[len(CASES)]["out_of_sync"] for results in ranks] == [1] * WORLD
 
 
 def test_a_rank_that_kept_its_own_gradient_would_be_caught(tmp_path):

@@ -6,6 +6,7 @@ finish from the latest checkpoint each time, skip the steps that finished, and r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,19 +52,25 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0):
 
 
 def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process of its session: the local Ray it started (GCS, raylet, dashboard,
+    workers) stays in that session even where a worker takes a process group of its own, and no other Ray on
+    the host (another test's, a user's) is in it."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # Ray's own daemons may have left the session; give what is left of this Ray time to notice and go.
     deadline = time.time() + 60
-    while time.time() < deadline and pids_of("raylet|gcs_server"):
-        time.sleep(0.5)
-    for pid in pids_of("raylet|gcs_server|ray::"):
-        os.kill(pid, signal.SIGKILL)
+    while pids := session_pids(proc.pid):
+        assert time.time() < deadline, f"processes of the killed run outlived SIGKILL: {pids}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
 
 
-def pids_of(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+def session_pids(session: int, title: str = "") -> list[int]:
+    """The live processes of ``session`` (zombies left out) whose command line contains ``title``."""
+    listed = subprocess.run(["ps", "-s", str(session), "-o", "pid=,stat=,args="], capture_output=True, text=True)
+    rows = [line.split(None, 2) + [""] for line in listed.stdout.splitlines()]
+    return [int(row[0]) for row in rows if not row[1].startswith("Z") and title in row[2]]
 
 
 def progress(run_dir: Path) -> dict:
@@ -99,7 +106,7 @@ def attempts(tmp_path_factory, mlflow_server):
     third = start(run_dir, env)
     resumed_at = wait_for(lambda: progress(run_dir).get("restarts") == 1 and progress(run_dir)["step"], third)
     wait_for(lambda: progress(run_dir)["step"] >= resumed_at + 3, third)
-    workers = pids_of(TRAIN_WORKER)
+    workers = session_pids(third.pid, TRAIN_WORKER)  # this run's workers, not another Ray's on the host
     assert workers, "no Train worker process found"
     worker_killed_at = time.time()
     os.kill(workers[0], signal.SIGKILL)
@@ -132,6 +139,13 @@ def test_a_killed_worker_is_replaced_and_the_run_records_what_was_redone(attempt
     assert faults["steps_redone"] >= 3 + 3  # at least the steps past each checkpoint before each kill
     assert 0 < faults["recovery_seconds"] < 300
     assert "[train] restart 2:" in attempts["third"]
+
+
+def test_both_ranks_end_every_epoch_with_the_same_weights(attempts):
+    """Each rank digests every tensor it would checkpoint; rank 0 reports how many digests differ from its own,
+    over the epochs before the kills and after each restart alike."""
+    history = json.loads(next(attempts["run_dir"].glob("train-*/history.json")).read_text())
+    assert [epoch["ddp/ranks_out_of_sync"] for epoch in history] == [0.0] * len(history)
 
 
 def test_no_checkpoint_is_lost_or_half_written(attempts):

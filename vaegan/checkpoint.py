@@ -7,6 +7,7 @@ plain values the caller adds (epoch, metrics). No pickled classes: loading one n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,23 @@ class CheckpointError(UserError, ValueError):
 
 def checkpoint_payload(trainer: VAEGANTrainer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {**trainer.state_dict(), "config": dataclasses.asdict(trainer.cfg), **(extra or {})}
+
+
+def weights_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of every tensor in ``state`` (a ``VAEGANTrainer.state_dict``: weights, buffers, optimiser
+    moments) with its key path; numbers such as the step are left out. Equal digests mean equal bytes."""
+    digest = hashlib.sha256()
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, torch.Tensor):
+            digest.update(prefix.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    visit("", state)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | Path, trainer: VAEGANTrainer, extra: dict[str, Any] | None = None) -> Path:
