@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -62,13 +61,11 @@ def test_real_test_split(fashion_test):
     assert images.max().item() == 255 and images.min().item() == 0
 
 
-def test_real_train_split_is_fast(tmp_path):
-    start = time.perf_counter()
+def test_real_train_split_loads_whole_and_caches(tmp_path):
+    """The full 60k split, every class balanced (how fast it loads is benchmarks/preprocess.py's business)."""
     images, labels = load_idx(FASHION, "train", cache_dir=tmp_path)
-    elapsed = time.perf_counter() - start
     assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [6000] * 10
-    assert elapsed < 10, f"loading 60k took {elapsed:.1f}s"
     # A second load comes from the decompressed cache and gives the same tensors.
     cached = sorted(p.name for p in tmp_path.rglob("*-ubyte"))
     assert cached == sorted(IDX_FILES["train"])
