@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import yaml
 
-from pipelines.config import CONFIG_DIR, PipelineConfig, flatten
+from pipelines.config import CONFIG_DIR, PipelineConfig, flatten, load_config
 from vaegan.config import ConfigError, VAEGANConfig, from_dict
 
 
@@ -42,3 +42,46 @@ def test_shipped_configs_hold_only_what_differs_from_the_defaults():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         restated = [k for k, v in flatten(yaml.safe_load(path.read_text())).items() if defaults.get(k) == v]
         assert not restated, f"{path.name} restates defaults: {restated}"
+
+
+def test_yaml_numbers_as_users_write_them(tmp_path):
+    """`lr: 1e-3` is a number (PyYAML follows YAML 1.1, which reads it as the string '1e-3'), in a config file
+    and in --set alike; quoted, it stays a string and is refused."""
+    config = tmp_path / "lr.yaml"
+    config.write_text("opt_enc:\n  lr: 1e-3\nopt_dec:\n  lr: 2E-4\nloss:\n  gamma: 1.5e+1\n")
+    cfg = load_config(config, ["opt_dis.lr=5e-4", "loss.kl_weight=1e0"])
+    assert (cfg.opt_enc.lr, cfg.opt_dec.lr, cfg.opt_dis.lr) == (1e-3, 2e-4, 5e-4)
+    assert (cfg.loss.gamma, cfg.loss.kl_weight) == (15.0, 1.0)
+    assert load_config(config, ["register.alias=e5"]).register.alias == "e5"  # not a number: no digits before e
+    with pytest.raises(ConfigError, match="'opt_enc.lr' must be a number, got '1e-3'"):
+        load_config(config, ["opt_enc.lr='1e-3'"])
+
+
+@pytest.mark.parametrize("key, value", [("alias", "latest"), ("alias", "Latest"), ("alias", "v1"), ("alias", "V23"),
+                                        ("alias", "best model"), ("alias", "a.b"), ("alias", "x" * 256),
+                                        ("model_name", "a/b"), ("model_name", "a:b"), ("model_name", ".."),
+                                        ("model_name", "./a"), ("alias", "champion"), ("alias", "v1-rc"),
+                                        ("model_name", "vaegan fashion.v2")])
+def test_register_names_follow_mlflows_rules(key, value):
+    """The register section refuses exactly what MLflow's registry would refuse after training."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    def mlflow_refuses() -> bool:
+        try:
+            if key == "alias":
+                validation._validate_model_alias_name(value)
+                validation._validate_model_alias_name_reserved(value)
+            else:
+                validation._validate_model_name(value)
+        except MlflowException:
+            return True
+        return False
+
+    try:
+        from_dict(PipelineConfig, {"register": {key: value}})
+        refused = False
+    except ConfigError as err:
+        assert f"register.{key}" in str(err)
+        refused = True
+    assert refused == mlflow_refuses()
