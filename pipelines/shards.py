@@ -36,7 +36,7 @@ from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows, encode_rows
 from .config import DataConfig
 
 SPLITS = ("train", "val", "test")
-MIN_SPLIT_ROWS = 4
+MIN_SPLIT_ROWS = 4  # in val and test for tune, train and evaluate (see check_no_empty_split)
 BLOCK_ROWS = 2048
 
 
@@ -125,15 +125,16 @@ def source_signature(cfg: DataConfig, samples: int = 32, edge: int = 65536) -> d
     return {"files": len(files), "stats": stats.hexdigest()[:16], "sampled": content.hexdigest()[:16]}
 
 
-def check_no_empty_split(counts: dict[str, int], cfg: DataConfig) -> None:
-    """Every split holds at least MIN_SPLIT_ROWS rows: precision/recall's k-NN (k=3) needs more than k."""
-    small = next((name for name in SPLITS if counts[name] < MIN_SPLIT_ROWS), None)
+def check_no_empty_split(counts: dict[str, int], cfg: DataConfig, minimum: int = 1) -> None:
+    """Every split holds at least ``minimum`` rows: one for preprocess; MIN_SPLIT_ROWS for the steps that
+    score val and test, whose precision/recall k-NN (k=3) needs more than k."""
+    small = next((name for name in SPLITS if counts[name] < minimum), None)
     if small is not None:
         held = "is empty" if counts[small] == 0 else f"holds only {counts[small]} row{'s' * (counts[small] > 1)}"
         raise PreprocessError(f"split '{small}' {held} after preprocessing {cfg.source or 'Fashion-MNIST'} "
-                              f"({sum(counts.values())} rows in all, data.limit={cfg.limit}); allowed: at least "
-                              f"{MIN_SPLIT_ROWS} rows per split: more data (data.limit) or larger data.val_fraction "
-                              "/ data.test_fraction")
+                              f"({sum(counts.values())} rows in all, data.limit={cfg.limit}); allowed: "
+                              f"{f'at least {minimum} rows per split for training and evaluation: ' * (minimum > 1)}"
+                              "more data (data.limit) or larger data.val_fraction / data.test_fraction")
 
 
 # -- reading ---------------------------------------------------------------------------------------

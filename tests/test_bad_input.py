@@ -183,11 +183,11 @@ CASES = [
          ("Parquet source {inputs}/wrong-schema.parquet has columns (pixels: binary, label: string); allowed: an "
           "'image' column of encoded PNG/JPEG bytes or uint8 arrays, and optionally an integer 'label' column",)),
     Case("split-left-empty", run("data.limit=14", "data.val_fraction=0.01"),
-         ("split 'val' is empty after preprocessing Fashion-MNIST (14 rows in all, data.limit=14); allowed: at least 4 "
-          "rows per split: more data (data.limit) or larger data.val_fraction / data.test_fraction",)),
+         ("split 'val' is empty after preprocessing Fashion-MNIST (14 rows in all, data.limit=14); allowed: more data "
+          "(data.limit) or larger data.val_fraction / data.test_fraction",)),
     Case("split-of-three-rows-or-fewer", run("data.limit=20"),
          ("split 'val' holds only 1 row after preprocessing Fashion-MNIST (20 rows in all, data.limit=20); allowed: at "
-          "least 4 rows per split",)),
+          "least 4 rows per split for training and evaluation: more data (data.limit)",)),
     Case("batch-larger-than-data", run("train.batch_size=2048"),
          ("config key 'train.batch_size' has invalid value 2048; allowed: at most 1061 (1061 training images of "
           "Fashion-MNIST with data.limit=1400, shared by train.num_workers=1)",)),
@@ -332,7 +332,7 @@ def write_bad_sources(root: Path) -> None:
     write_pngs(root / "images-stray", 3)
     (root / "images-stray" / "notes.txt").write_text("where these images came from\n")
     (root / "images-empty").mkdir()
-    write_pngs(root / "images-corrupt", 40)
+    write_pngs(root / "images-corrupt", 80)  # 5 val and 5 test rows: past the driver's split check
     (root / "images-corrupt" / "broken.png").write_text("a download that failed half-way")
     pq.write_table(pa.table({"pixels": [b"\x00" * 784], "label": ["shirt"]}), root / "wrong-schema.parquet")
     (root / "notes.txt").write_text("not an image, not Parquet, not a folder\n")
