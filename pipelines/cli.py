@@ -115,7 +115,7 @@ def add_pull_verbs(verbs) -> None:
                                 "(C, H, W) image are refused); transparent pixels are composited on white")
             parser.add_argument("--limit", type=_positive, default=None, help="use only the first N input images")
         parser.add_argument("--out", required=True, type=Path,
-                            help="output file: .npy latents" if name == "encode" else "output file (.png grid or .npy array)")
+                            help=f"output file ({'.npy latents' if name == 'encode' else '.png grid or .npy array'})")
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return parser
 

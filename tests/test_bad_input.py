@@ -125,7 +125,8 @@ CASES = [
          ("unknown config key 'modle'; allowed keys here: model, loss, opt_enc, opt_dec, opt_dis, train, name, data",)),
     Case("not-true-or-false", run("train.use_gpu=maybe"),
          ("config key 'train.use_gpu' must be true or false, got 'maybe'",)),
-    Case("zero-epochs", run("train.epochs=0"), ("config key 'train.epochs' has invalid value 0; allowed: a positive integer",)),
+    Case("zero-epochs", run("train.epochs=0"),
+         ("config key 'train.epochs' has invalid value 0; allowed: a positive integer",)),
     Case("ema-decay-of-one", run("train.ema_decay=1"),
          ("config key 'train.ema_decay' has invalid value 1.0; allowed: a number in [0, 1)",)),
     Case("four-channel-model", run("model.channels=4"),
@@ -230,8 +231,9 @@ CASES = [
     Case("mixed-channels-in-npy", pull("encode", "--input", "{inputs}/four-channels.npy"),
          ("{inputs}/four-channels.npy has shape (2, 4, 28, 28), 4 channels; allowed: (N, C, H, W) with C = 1 or 3",)),
     Case("npy-hwc-image", pull("encode", "--input", "{inputs}/hwc.npy"),
-         ("{inputs}/hwc.npy has shape (28, 28, 3): 28 grey images (N, H, W), or one colour image (H, W, C)?; allowed: "
-          "3-D as (N, H, W) only when N is not 3 or 4 and W > 4, else 4-D (N, C, H, W): (1, 3, 28, 28) for one image",)),
+         ("{inputs}/hwc.npy has shape (28, 28, 3): 28 grey images (N, H, W), or one colour image (H, W, C)?; "
+          "allowed: 3-D as (N, H, W) only when N is not 3 or 4 and W > 4, else 4-D (N, C, H, W): (1, 3, 28, 28) for "
+          "one image",)),
     Case("npy-chw-image-without-n", pull("reconstruct", "--input", "{inputs}/chw.npy"),
          ("{inputs}/chw.npy has shape (3, 28, 28): 3 grey images (N, H, W), or one colour image (C, H, W)?",
           "(1, 3, 28, 28) for one image")),
