@@ -11,15 +11,19 @@ Everything goes through the registered pyfunc (``deploy/pyfunc_model.py``), the 
 Inputs for encode/reconstruct/interpolate (``read_images``): an image file, a folder of images, a
 ``.npy`` array ((H, W), (N, H, W) or (N, C, H, W); uint8 0..255 or float in [0, 1]), or a Parquet
 split written by the pipeline (``runs/<name>/preprocess-<key>/test``). They are resized and converted
-to the model's channels as the pipeline's preprocess does.
+to the model's channels as the pipeline's preprocess does; transparent pixels are composited on white.
+A 3-D ``.npy`` is N grey images (N, H, W); one that reads as a single colour image instead, (H, W, C) with
+C = 1, 3 or 4 last or (C, H, W) with C = 3 or 4 first, is refused as ambiguous: give (N, C, H, W).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torchvision
@@ -128,6 +132,12 @@ def _from_npy(path: Path) -> torch.Tensor:
         raise PullError(f"{path} is not a plain numeric .npy array: {err}") from err
     if array.ndim not in (2, 3, 4):
         raise PullError(f"{path} has shape {array.shape}; allowed: (H, W), (N, H, W) or (N, C, H, W)")
+    if array.ndim == 3 and (array.shape[-1] in (1, 3, 4) or array.shape[0] in (3, 4)):
+        n, h, w = array.shape
+        one = (1, w, n, h) if w in (1, 3, 4) else (1, n, h, w)  # the single (H, W, C) or (C, H, W) image
+        raise PullError(f"{path} has shape {array.shape}: {n} grey images (N, H, W), or one colour image "
+                        f"{'(H, W, C)' if w in (1, 3, 4) else '(C, H, W)'}?; allowed: 3-D as (N, H, W) only when "
+                        f"N is not 3 or 4 and W > 4, else 4-D (N, C, H, W): {one} for one image")
     if array.ndim == 2:
         array = array[None, None]
     elif array.ndim == 3:
@@ -149,14 +159,22 @@ def _from_npy(path: Path) -> torch.Tensor:
 
 def _from_parquet(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     """The pipeline's split layout: one row per image, ``image`` holding C*H*W raw uint8 bytes."""
+    size, image = int(np.prod(shape)), f"one {tuple(shape)} uint8 image as the pipeline writes for this model"
     try:
-        column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
-    except (KeyError, OSError, ValueError) as err:
-        raise PullError(f"{path} is not a pipeline Parquet split with an 'image' column: {err}") from err
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:
+        raise PullError(f"{path} cannot be read as Parquet: {err}; allowed: a pipeline Parquet split") from err
+    if "image" not in table.column_names:
+        raise PullError(f"{path} has no 'image' column (columns: {', '.join(table.column_names)}); allowed: a "
+                        f"pipeline Parquet split, whose 'image' rows hold {size} bytes each, {image}")
+    kind = table.schema.field("image").type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise PullError(f"{path} column 'image' holds {kind} rows; allowed: binary rows of {size} bytes, {image}")
+    column = table.column("image").to_pylist()
     bad = first_bad_row(column, shape)
     if bad is not None:
-        raise PullError(f"{path} row {bad} holds an image of {len(column[bad])} bytes; allowed: {int(np.prod(shape))} "
-                        f"bytes, one {tuple(shape)} uint8 image as the pipeline writes for this model")
+        held = "no image (null)" if column[bad] is None else f"an image of {len(column[bad])} bytes"
+        raise PullError(f"{path} row {bad} holds {held}; allowed: {size} bytes, {image}")
     return decode_rows_float(column, shape)
 
 
@@ -173,17 +191,34 @@ def _from_folder(path: Path, channels: int) -> torch.Tensor:
 
 
 def _decode(path: Path, channels: int) -> torch.Tensor:
-    """(C, H, W) float in [0, 1]; Pillow converts any mode (palette, alpha, 16-bit) to L or RGB."""
+    """(C, H, W) float in [0, 1]; any mode (palette, 16-bit) to L or RGB, transparency composited on white."""
     try:
         array = decode_image(path, "L" if channels == 1 else "RGB").astype(np.float32) / 255.0
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # ValueError: also an image over Pillow's decompression-bomb limit
         raise PullError(f"cannot decode image {str(path)!r}: {err}; allowed: {IMAGE_TYPES} files") from err
     return torch.from_numpy(array).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
 
 
+def check_out(path: str | Path, suffixes: tuple[str, ...] = (".png", ".npy"), flag: str = "--out") -> Path:
+    """``path`` as an output file a verb may write, checked before any model is loaded: it ends in one of
+    ``suffixes`` (what decides the format), is no folder, and its nearest existing folder is writable."""
+    path = Path(path)
+    allowed = f"allowed: a file name ending in {' or '.join(suffixes)}"
+    if path.is_dir():
+        raise PullError(f"{flag} {str(path)!r} is a folder; {allowed} (e.g. {str(path / ('out' + suffixes[0]))!r})")
+    if path.suffix not in suffixes:
+        raise PullError(f"{flag} {str(path)!r} does not end in {' or '.join(suffixes)}; {allowed}")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not folder.is_dir() else "is not writable"
+        raise PullError(f"{flag} {str(path)!r} cannot be written: {str(folder)!r} {problem}; allowed: a file in a "
+                        "folder this user can write")
+    return path
+
+
 def write_images(images: np.ndarray, out: str | Path, nrow: int = 8) -> Path:
     """A PNG grid (``.png``) or the raw float32 array (``.npy``) of (N, C, H, W) images in [0, 1]."""
-    out = Path(out)
+    out = check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, images.astype(np.float32))

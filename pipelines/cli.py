@@ -26,8 +26,10 @@ from pathlib import Path
 
 from vaegan.errors import UserError
 
-from .config import load_config
+from .config import MIN_EVAL_IMAGES, load_config
 from .steps import STEPS
+
+SEED_MAX = 2**63 - 1  # torch's and numpy's generators take 0..2**64-1; MLflow's long params stop at 2**63-1
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -69,14 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: an integer >= 1")
-    return value
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper bound when None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {allowed}")
+        return value
+    return parse
+
+
+_positive = _int_in(1)
+_seed = _int_in(0, SEED_MAX)
 
 
 def add_evaluate_verb(verbs) -> None:
@@ -85,8 +95,9 @@ def add_evaluate_verb(verbs) -> None:
     evaluate.add_argument("--data", default="", help="run folder, preprocess folder, or a source to preprocess "
                           "(IDX folder, image folder, Parquet); default: Fashion-MNIST")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--n", type=_positive, default=10000, help="images scored (and samples drawn)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--n", type=_int_in(MIN_EVAL_IMAGES), default=10000,
+                          help=f"images scored (and samples drawn), at least {MIN_EVAL_IMAGES}")
+    evaluate.add_argument("--seed", type=_seed, default=0, help=f"0..{SEED_MAX}")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
     evaluate.add_argument("--log", action="store_true", help="also log metrics and files to the model's MLflow run")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -99,31 +110,40 @@ def add_pull_verbs(verbs) -> None:
         parser.add_argument("--model", required=True, help="MLflow model URI, e.g. models:/vaegan-fashion-mnist@champion")
         if takes_input:
             parser.add_argument("--input", required=True, action="append", type=Path,
-                                help="image file, folder of images, .npy, or a pipeline Parquet split")
+                                help="image file, folder of images, .npy, or a pipeline Parquet split; a .npy is "
+                                "(H, W), (N, H, W) grey or (N, C, H, W) (3-D arrays that read as one (H, W, C) or "
+                                "(C, H, W) image are refused); transparent pixels are composited on white")
             parser.add_argument("--limit", type=_positive, default=None, help="use only the first N input images")
-        parser.add_argument("--out", required=True, type=Path, help="output file (.png grid or .npy array)")
+        parser.add_argument("--out", required=True, type=Path,
+                            help=f"output file ({'.npy latents' if name == 'encode' else '.png grid or .npy array'})")
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return parser
 
     sample = verb("sample", "generate images from the prior", takes_input=False)
     sample.add_argument("--num", type=_positive, default=64, help="number of images")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0, help=f"0..{SEED_MAX}")
     sample.add_argument("--npy", type=Path, help="also write the images as a float32 .npy array")
     verb("encode", "images -> posterior means (N, latent_dim) .npy", takes_input=True)
     reconstruct = verb("reconstruct", "images -> reconstructions", takes_input=True)
     reconstruct.add_argument("--npy", type=Path, help="also write the reconstructions as a float32 .npy array")
-    interpolate = verb("interpolate", "decode the line between two images' latents as a PNG strip", takes_input=True)
-    interpolate.add_argument("--steps", type=_positive, default=8, help="images in the strip")
+    interpolate = verb("interpolate", "decode the line between two images' latents as a PNG strip (exactly two "
+                       "input images)", takes_input=True)
+    interpolate.add_argument("--steps", type=_int_in(2), default=8, help="images in the strip (2..256)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    forced = {step for group in args.force for step in group}
+    outside = sorted(forced - set(args.steps), key=STEPS.index)
+    if outside:  # a forced step not run would be ignored, or fail after Ray starts
+        from vaegan.config import ConfigError
+        raise ConfigError(f"--force {outside[0]} names a step outside --steps {','.join(args.steps)}; allowed: "
+                          f"one of {', '.join(args.steps)}, or add it to --steps")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
     from .pipeline import run_pipeline
     run_dir = args.run_dir or Path("runs") / cfg.name
-    forced = {step for group in args.force for step in group}
     summary = run_pipeline(cfg, run_dir, args.steps, forced)
     print(json.dumps(summary, indent=2))
     print(f"summary: {run_dir / 'summary.json'}")
@@ -154,6 +174,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     import numpy as np
 
     from deploy import pull
+    # The output names first: a wrong one ends here, before the model is downloaded or anything is computed.
+    pull.check_out(args.out, (".npy",) if args.verb == "encode" else (".png", ".npy"))
+    if getattr(args, "npy", None):
+        pull.check_out(args.npy, (".npy",), "--npy")
     model = pull.load_model(args.model)
     shape = pull.image_shape(model)
     if args.verb == "sample":
@@ -161,28 +185,26 @@ def cmd_pull(args: argparse.Namespace) -> int:
     else:
         inputs = np.concatenate([pull.read_images(path, shape, args.limit or 0) for path in args.input])
         if args.verb == "encode":
-            np.save(_writable(args.out), pull.predict(model, inputs, mode="encode"))
+            _save(args.out, pull.predict(model, inputs, mode="encode"))
             print(f"latents: {args.out}")
             return 0
+        if args.verb == "interpolate" and len(inputs) != 2:
+            raise pull.PullError(f"vaegan interpolate: --input {' '.join(map(str, args.input))} holds {len(inputs)} "
+                                 "images; allowed: exactly two (two --input images, or one input of two; --limit N "
+                                 "keeps the first N of each input)")
         params = {"mode": "interpolate", "steps": args.steps} if args.verb == "interpolate" else {"mode": "reconstruct"}
         images = pull.predict(model, inputs, **params)
     nrow = len(images) if args.verb == "interpolate" else 8
-    print(f"{args.verb}: {pull.write_images(images, _writable(args.out), nrow)} {tuple(images.shape)}")
+    print(f"{args.verb}: {pull.write_images(images, args.out, nrow)} {tuple(images.shape)}")
     if getattr(args, "npy", None):
-        np.save(_writable(args.npy), images)
+        _save(args.npy, images)
     return 0
 
 
-def _writable(path: Path) -> Path:
-    """``path`` with its folder created; a clear error if it cannot be written."""
-    from deploy.pull import PullError
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PullError(f"cannot write {str(path)!r}: {err.strerror}") from err
-    if not os.access(path.parent, os.W_OK):
-        raise PullError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} is not writable")
-    return path
+def _save(path: Path, array) -> None:
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
 
 
 class TrackingServerDown(UserError):

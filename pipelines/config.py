@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,27 @@ import yaml
 from vaegan.config import ConfigError, TrainConfig, VAEGANConfig, _require, from_dict
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+MIN_EVAL_IMAGES = 16  # FID's covariance and precision/recall's k-NN need a few; `vaegan evaluate --n` too
+# MLflow's own rules (mlflow/utils/validation.py: _validate_model_alias_name, _validate_model_alias_name_reserved,
+# _validate_model_name), checked here so a bad name stops before any compute, not after training.
+# tests/test_config.py checks that MLflow refuses what these refuse.
+ALIAS_RULE = "a name of letters, digits, _ and - other than 'latest' and v<digits> (reserved by MLflow)"
+MODEL_NAME_RULE = "a name without '/' or ':' that is its own normalised path (MLflow's rule)"
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-3`` is a number, as YAML users write it (YAML 1.1,
+    which PyYAML follows, wants ``1.0e-3`` and reads ``1e-3`` as a string)."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """The one YAML reader of config files and ``--set`` values."""
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -34,6 +57,8 @@ class DataConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        _require(bool(self.source) or self.format in ("auto", "idx"), "data.format", self.format,
+                 "'auto' or 'idx' when data.source is \"\" (Fashion-MNIST); 'images' and 'parquet' need a data.source")
         _require(self.limit >= 0, "data.limit", self.limit, "an integer >= 0")
         for key in ("val_fraction", "test_fraction"):
             value = getattr(self, key)
@@ -102,7 +127,8 @@ class EvalConfig:
     featnet_epochs: int = 2
 
     def validate(self) -> None:
-        _require(self.num_images >= 16, "eval.num_images", self.num_images, "an integer >= 16")
+        _require(self.num_images >= MIN_EVAL_IMAGES, "eval.num_images", self.num_images,
+                 f"an integer >= {MIN_EVAL_IMAGES}")
         _require(self.iwae_k > 0, "eval.iwae_k", self.iwae_k, "a positive integer")
         _require(self.iwae_images > 0, "eval.iwae_images", self.iwae_images, "a positive integer")
         _require(self.featnet_epochs > 0, "eval.featnet_epochs", self.featnet_epochs, "a positive integer")
@@ -118,6 +144,12 @@ class RegisterConfig:
     def validate(self) -> None:
         for key in ("model_name", "alias", "experiment"):
             _require(bool(getattr(self, key).strip()), f"register.{key}", getattr(self, key), "a non-empty string")
+        alias = self.alias
+        _require(re.fullmatch(r"[\w\-]{1,255}", alias) is not None and alias.lower() != "latest"
+                 and re.fullmatch(r"[vV]\d+", alias) is None, "register.alias", alias, ALIAS_RULE)
+        name = self.model_name
+        _require(not any(c in name for c in "/:") and posixpath.normpath(name) == name and name != "."
+                 and not name.startswith(".."), "register.model_name", name, MODEL_NAME_RULE)
 
 
 @dataclass
@@ -160,7 +192,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value (e.g. train.epochs=3), got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), read_yaml(raw) if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -179,11 +211,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     """Read a YAML config, apply ``--set`` overrides and validate; errors name the file and key."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (configs shipped: "
-                          f"{', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))})")
+        shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {problem} (configs shipped: {shipped})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        data = read_yaml(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")

@@ -121,8 +121,9 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
     cfg = from_dict(PipelineConfig, {**dataclasses.asdict(config_of(state)), "eval": dataclasses.asdict(eval_cfg)})
     data = preprocessed_data(request.data, cfg, request.out)
     counts = data.manifest["counts"]
-    if counts.get(request.split, 0) == 0:
-        raise ConfigError(f"--split {request.split!r} has no images in {data.path} (counts: {counts})")
+    if counts.get(request.split, 0) < shards.MIN_SPLIT_ROWS:  # precision/recall's k-NN needs more than k=3
+        raise ConfigError(f"--split {request.split!r} has {counts.get(request.split, 0)} images in {data.path} "
+                          f"(counts: {counts}); allowed: a split of at least {shards.MIN_SPLIT_ROWS} images")
     featnet_path, featnet_name = data.feature_net(cfg.data.data_dir, cfg.eval)
     scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=request.seed, split=request.split)
     model = GenerativeModel.from_checkpoint(state)

@@ -30,10 +30,13 @@ def check_run_dir(run_dir: Path) -> None:
                           "allowed: a folder this user can write")
 
 
-def check_data_fits(cfg: PipelineConfig) -> None:
-    """The source reads, no split comes out empty and each Train worker gets at least one batch
-    (workers drop their last partial batch, so a larger batch would train on nothing)."""
+def check_data_fits(cfg: PipelineConfig, steps: list[str]) -> None:
+    """The source reads, no split comes out empty (or under shards.MIN_SPLIT_ROWS where ``steps`` score the
+    splits) and each Train worker gets at least one batch (workers drop their last partial batch, so a larger
+    batch would train on nothing)."""
     counts, exact = shards.split_counts(cfg.data)
+    if exact and {"tune", "train", "evaluate"} & set(steps):  # Parquet's estimate: the train step checks again
+        shards.check_no_empty_split(counts, cfg.data, shards.MIN_SPLIT_ROWS)
     rows, what = counts["train"], f"{'' if exact else 'an expected '}{counts['train']} training images"
     if cfg.tune.enabled and 0 < cfg.tune.train_limit < rows:
         rows, what = cfg.tune.train_limit, f"tune.train_limit={cfg.tune.train_limit} training images per trial"
@@ -53,7 +56,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     # Cheap checks first, on the driver: a user error ends here, before Ray starts or anything is written.
     check_run_dir(run_dir)
     cfg.data.check_source()
-    check_data_fits(cfg)
+    check_data_fits(cfg, steps)
     dag.check_steps(cfg, steps)
     if not os.environ.get("RAY_ADDRESS"):
         check_fits_local_ray(cfg, local_resources())

@@ -36,6 +36,7 @@ from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows, encode_rows
 from .config import DataConfig
 
 SPLITS = ("train", "val", "test")
+MIN_SPLIT_ROWS = 4  # in val and test for tune, train and evaluate (see check_no_empty_split)
 BLOCK_ROWS = 2048
 
 
@@ -124,12 +125,16 @@ def source_signature(cfg: DataConfig, samples: int = 32, edge: int = 65536) -> d
     return {"files": len(files), "stats": stats.hexdigest()[:16], "sampled": content.hexdigest()[:16]}
 
 
-def check_no_empty_split(counts: dict[str, int], cfg: DataConfig) -> None:
-    empty = next((name for name in SPLITS if counts[name] == 0), None)
-    if empty is not None:
-        raise PreprocessError(f"split '{empty}' is empty after preprocessing {cfg.source or 'Fashion-MNIST'} "
-                              f"({sum(counts.values())} rows in all, data.limit={cfg.limit}); allowed: more data "
-                              "(data.limit) or larger data.val_fraction / data.test_fraction")
+def check_no_empty_split(counts: dict[str, int], cfg: DataConfig, minimum: int = 1) -> None:
+    """Every split holds at least ``minimum`` rows: one for preprocess; MIN_SPLIT_ROWS for the steps that
+    score val and test, whose precision/recall k-NN (k=3) needs more than k."""
+    small = next((name for name in SPLITS if counts[name] < minimum), None)
+    if small is not None:
+        held = "is empty" if counts[small] == 0 else f"holds only {counts[small]} row{'s' * (counts[small] > 1)}"
+        raise PreprocessError(f"split '{small}' {held} after preprocessing {cfg.source or 'Fashion-MNIST'} "
+                              f"({sum(counts.values())} rows in all, data.limit={cfg.limit}); allowed: "
+                              f"{f'at least {minimum} rows per split for training and evaluation: ' * (minimum > 1)}"
+                              "more data (data.limit) or larger data.val_fraction / data.test_fraction")
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -234,10 +239,14 @@ def parquet_rows(source: str) -> int:
     """The Parquet source's row count, its schema checked, from the files' footers alone."""
     path = Path(source)
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    if not files:
+        raise PreprocessError(f"Parquet source {source or '(none)'} holds no .parquet file; allowed: a Parquet file "
+                              "or a folder holding .parquet files (data.format=parquet)")
     try:
         schema, rows = pq.read_schema(files[0]), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     except (OSError, pa.ArrowException) as err:
-        raise PreprocessError(f"Parquet source {source} cannot be read: {err}") from err
+        raise PreprocessError(f"Parquet source {source} cannot be read: {err}; allowed: a Parquet file or folder "
+                              "(data.format=parquet), an IDX folder or an image folder") from err
     image, label = (schema.field(name).type if name in schema.names else None for name in ("image", "label"))
     image_ok = image is not None and (isinstance(image, pa.ExtensionType) or pa.types.is_binary(image)
                                       or pa.types.is_large_binary(image) or pa.types.is_list(image)

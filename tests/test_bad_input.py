@@ -34,11 +34,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import BIN, REPO, run_cli
+from test_imagerows import png_header
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import cli, registry, tracking
-from pipelines.config import RegisterConfig
+from pipelines.config import ALIAS_RULE, RegisterConfig
 from vaegan.checkpoint import save_checkpoint
 from vaegan.config import VAEGANConfig
 from vaegan.data import IDX_FILES, make_shapes
@@ -106,6 +107,53 @@ CASES = [
          ("config key 'data.val_fraction' has invalid value 0.7; allowed: a fraction in (0, 0.5)",)),
     Case("zero-cpus-per-worker", run("train.cpus_per_worker=0"),
          ("config key 'train.cpus_per_worker' has invalid value 0; allowed: a positive integer",)),
+    Case("register-alias-latest", run("register.alias=latest"),
+         (f"config key 'register.alias' has invalid value 'latest'; allowed: {ALIAS_RULE}",)),
+    Case("register-alias-like-a-version", run("register.alias=v1"),
+         (f"config key 'register.alias' has invalid value 'v1'; allowed: {ALIAS_RULE}",)),
+    Case("register-alias-with-a-space", run("register.alias=best model"),
+         (f"config key 'register.alias' has invalid value 'best model'; allowed: {ALIAS_RULE}",)),
+    Case("register-model-name-with-a-slash", run("register.model_name=a/b"),
+         ("config key 'register.model_name' has invalid value 'a/b'; allowed: a name without '/' or ':'",)),
+    Case("register-experiment-empty", run("register.experiment="),
+         ("config key 'register.experiment' has invalid value ''; allowed: a non-empty string",)),
+    Case("parquet-format-without-a-source", run("data.format=parquet"),
+         ("config key 'data.format' has invalid value 'parquet'; allowed: 'auto' or 'idx' when data.source is \"\"",)),
+    Case("unknown-data-format", run("data.format=tar"),
+         ("config key 'data.format' has invalid value 'tar'; allowed: one of ['auto', 'idx', 'images', 'parquet']",)),
+    Case("unknown-config-section", run("modle.kind=vae"),
+         ("unknown config key 'modle'; allowed keys here: model, loss, opt_enc, opt_dec, opt_dis, train, name, data",)),
+    Case("not-true-or-false", run("train.use_gpu=maybe"),
+         ("config key 'train.use_gpu' must be true or false, got 'maybe'",)),
+    Case("zero-epochs", run("train.epochs=0"),
+         ("config key 'train.epochs' has invalid value 0; allowed: a positive integer",)),
+    Case("ema-decay-of-one", run("train.ema_decay=1"),
+         ("config key 'train.ema_decay' has invalid value 1.0; allowed: a number in [0, 1)",)),
+    Case("four-channel-model", run("model.channels=4"),
+         ("config key 'model.channels' has invalid value 4; allowed: one of [1, 3]",)),
+    Case("negative-data-limit", run("data.limit=-1"),
+         ("config key 'data.limit' has invalid value -1; allowed: an integer >= 0",)),
+    Case("adam-beta1-of-one", run("opt_dec.beta1=1"),
+         ("config key 'opt_dec.beta1' has invalid value 1.0; allowed: a number in [0, 1)",)),
+    Case("unknown-adversarial-loss", run("loss.adversarial=lsgan"),
+         ("config key 'loss.adversarial' has invalid value 'lsgan'; allowed: one of ['bce', 'hinge', 'wgan-gp']",)),
+    Case("asha-reduction-factor-one", run("tune.reduction_factor=1"),
+         ("config key 'tune.reduction_factor' has invalid value 1; allowed: an integer >= 2",)),
+    Case("set-without-a-value", run("train.epochs"),
+         ("--set expects key=value (e.g. train.epochs=3), got 'train.epochs'",)),
+    Case("set-below-a-value", run("train.epochs.x=1"), ("--set 'train.epochs.x=1': 'epochs' is not a section",)),
+    Case("config-not-a-mapping", ("run", "--config", "{inputs}/list.yaml", "--run-dir", "{run}"),
+         ("config file {inputs}/list.yaml must hold a mapping of sections, got list",)),
+    Case("config-not-yaml", ("run", "--config", "{inputs}/broken.yaml", "--run-dir", "{run}"),
+         ("config file {inputs}/broken.yaml is not valid YAML: while parsing a flow mapping",)),
+    Case("config-is-a-folder", ("run", "--config", "pipelines/configs", "--run-dir", "{run}"),
+         ("config file pipelines/configs is a folder (configs shipped: cluster.yaml, default.yaml, smoke.yaml)",)),
+    Case("unknown-step", (*run(), "--steps", "preprocess,trian"),
+         ("vaegan run: argument --steps: unknown step 'trian'; allowed: preprocess, tune, train, evaluate, register",)),
+    Case("force-outside-steps", (*run(), "--steps", "preprocess", "--force", "train"),
+         ("--force train names a step outside --steps preprocess; allowed: one of preprocess, or add it to --steps",)),
+    Case("run-folder-is-a-file", ("run", "--config", SMOKE, "--run-dir", "{inputs}/notes.txt"),
+         ("run folder '{inputs}/notes.txt' (--run-dir) cannot be written: '{inputs}/notes.txt' is not a folder",)),
     Case("missing-config-file", ("run", "--config", "pipelines/configs/nope.yaml", "--run-dir", "{run}"),
          ("config file pipelines/configs/nope.yaml does not exist (configs shipped: cluster.yaml, default.yaml, "
           "smoke.yaml)",)),
@@ -125,6 +173,11 @@ CASES = [
     Case("non-image-file-in-image-folder", run("data.source={inputs}/images-stray"),
          (f"image folder {{inputs}}/images-stray holds 'notes.txt', which is not an image file; "
           f"allowed: {IMAGE_TYPES}",)),
+    Case("parquet-folder-without-parquet-files", run("data.format=parquet", "data.source={inputs}/images-empty"),
+         ("Parquet source {inputs}/images-empty holds no .parquet file; allowed: a Parquet file or a folder holding "
+          ".parquet files",)),
+    Case("text-file-as-source", run("data.source={inputs}/notes.txt"),
+         ("Parquet source {inputs}/notes.txt cannot be read: ", "allowed: a Parquet file or folder")),
     Case("empty-dataset", run("data.source={inputs}/images-empty"),
          (f"image folder {{inputs}}/images-empty holds no image files; allowed: {IMAGE_TYPES}",)),
     Case("parquet-wrong-schema", run("data.source={inputs}/wrong-schema.parquet"),
@@ -133,6 +186,9 @@ CASES = [
     Case("split-left-empty", run("data.limit=14", "data.val_fraction=0.01"),
          ("split 'val' is empty after preprocessing Fashion-MNIST (14 rows in all, data.limit=14); allowed: more data "
           "(data.limit) or larger data.val_fraction / data.test_fraction",)),
+    Case("split-of-three-rows-or-fewer", run("data.limit=20"),
+         ("split 'val' holds only 1 row after preprocessing Fashion-MNIST (20 rows in all, data.limit=20); allowed: at "
+          "least 4 rows per split for training and evaluation: more data (data.limit)",)),
     Case("batch-larger-than-data", run("train.batch_size=2048"),
          ("config key 'train.batch_size' has invalid value 2048; allowed: at most 1061 (1061 training images of "
           "Fashion-MNIST with data.limit=1400, shared by train.num_workers=1)",)),
@@ -174,6 +230,71 @@ CASES = [
          (f"{{inputs}}/nan.npy holds NaN or infinite values; {NPY_VALUES}",)),
     Case("mixed-channels-in-npy", pull("encode", "--input", "{inputs}/four-channels.npy"),
          ("{inputs}/four-channels.npy has shape (2, 4, 28, 28), 4 channels; allowed: (N, C, H, W) with C = 1 or 3",)),
+    Case("npy-hwc-image", pull("encode", "--input", "{inputs}/hwc.npy"),
+         ("{inputs}/hwc.npy has shape (28, 28, 3): 28 grey images (N, H, W), or one colour image (H, W, C)?; "
+          "allowed: 3-D as (N, H, W) only when N is not 3 or 4 and W > 4, else 4-D (N, C, H, W): (1, 3, 28, 28) for "
+          "one image",)),
+    Case("npy-chw-image-without-n", pull("reconstruct", "--input", "{inputs}/chw.npy"),
+         ("{inputs}/chw.npy has shape (3, 28, 28): 3 grey images (N, H, W), or one colour image (C, H, W)?",
+          "(1, 3, 28, 28) for one image")),
+    Case("npy-floats-above-one", pull("encode", "--input", "{inputs}/above-one.npy"),
+         (f"{{inputs}}/above-one.npy holds float32 values in [0, 2]; {NPY_VALUES}",)),
+    Case("npy-of-pickled-objects", pull("encode", "--input", "{inputs}/objects.npy"),
+         ("{inputs}/objects.npy is not a plain numeric .npy array: Object arrays cannot be loaded when "
+          "allow_pickle=False",)),
+    Case("npy-truncated", pull("encode", "--input", "{inputs}/truncated.npy"),
+         ("{inputs}/truncated.npy is not a plain numeric .npy array",)),
+    Case("text-file-as-input", pull("encode", "--input", "{inputs}/notes.txt"),
+         ("cannot decode image '{inputs}/notes.txt': cannot identify image file",
+          f"allowed: {IMAGE_TYPES.split(' files')[0]} files")),
+    Case("missing-input", pull("encode", "--input", "{inputs}/nowhere.png"),
+         ("input '{inputs}/nowhere.png' does not exist; allowed: an image file, a folder of images",)),
+    Case("input-folder-without-images", pull("encode", "--input", "{inputs}/images-empty"),
+         ("folder '{inputs}/images-empty' holds no image files (png, jpg",)),
+    Case("image-over-the-decompression-bomb-limit", pull("encode", "--input", "{inputs}/bomb.png"),
+         ("cannot decode image '{inputs}/bomb.png': Image size (400000000 pixels) exceeds limit of",)),
+    Case("decompression-bomb-in-an-input-folder", pull("reconstruct", "--input", "{inputs}/bombs"),
+         ("cannot decode image '{inputs}/bombs/bomb.png': Image size (400000000 pixels) exceeds limit of",)),
+    Case("null-rows-in-parquet-split", pull("encode", "--input", "{inputs}/nulls.parquet"),
+         ("{inputs}/nulls.parquet row 1 holds no image (null); allowed: 784 bytes, one (1, 28, 28) uint8 image",)),
+    Case("list-rows-in-parquet-split", pull("encode", "--input", "{inputs}/lists.parquet"),
+         ("{inputs}/lists.parquet column 'image' holds list<element: uint8> rows; allowed: binary rows of 784 bytes",)),
+    Case("parquet-split-without-image-column", pull("encode", "--input", "{inputs}/wrong-schema.parquet"),
+         ("{inputs}/wrong-schema.parquet has no 'image' column (columns: pixels, label); allowed: a pipeline Parquet "
+          "split",)),
+    Case("interpolate-more-than-two-images", pull("interpolate", "--input", "{inputs}/three.npy"),
+         ("vaegan interpolate: --input {inputs}/three.npy holds 3 images; allowed: exactly two",)),
+    Case("interpolate-one-step", pull("interpolate", "--input", "{inputs}/three.npy", "--steps", "1"),
+         ("vaegan interpolate: argument --steps: invalid value '1'; allowed: an integer >= 2",)),
+    Case("limit-zero", pull("encode", "--input", "{inputs}/three.npy", "--limit", "0"),
+         ("vaegan encode: argument --limit: invalid value '0'; allowed: an integer >= 1",)),
+    Case("negative-num-samples", pull("sample", "--num", "-3"),
+         ("vaegan sample: argument --num: invalid value '-3'; allowed: an integer >= 1",)),
+    Case("seed-above-the-range", pull("sample", "--seed", str(2**64)),
+         (f"vaegan sample: argument --seed: invalid value '{2**64}'; allowed: an integer in [0, {2**63 - 1}]",)),
+    # what the verbs are asked to write
+    Case("out-without-a-suffix", ("sample", "--model", CHAMPION, "--out", "{out}/grid"),
+         ("--out '{out}/grid' does not end in .png or .npy; allowed: a file name ending in .png or .npy",)),
+    Case("out-of-another-type", ("reconstruct", "--model", CHAMPION, "--input", "{inputs}/three.npy", "--out",
+                                 "{out}/recon.txt"),
+         ("--out '{out}/recon.txt' does not end in .png or .npy",)),
+    Case("out-is-a-folder", ("sample", "--model", CHAMPION, "--out", "{run}"),
+         ("--out '{run}' is a folder; allowed: a file name ending in .png or .npy (e.g. '{run}/out.png')",)),
+    Case("out-below-a-file", ("sample", "--model", CHAMPION, "--out", "{inputs}/notes.txt/grid.png"),
+         ("--out '{inputs}/notes.txt/grid.png' cannot be written: '{inputs}/notes.txt' is not a folder",)),
+    Case("npy-flag-not-npy", ("sample", "--model", CHAMPION, "--out", "{out}/grid.png", "--npy", "{out}/grid.png"),
+         ("--npy '{out}/grid.png' does not end in .npy; allowed: a file name ending in .npy",)),
+    Case("encode-out-png", ("encode", "--model", CHAMPION, "--input", "{inputs}/three.npy", "--out", "{out}/z.png"),
+         ("--out '{out}/z.png' does not end in .npy; allowed: a file name ending in .npy",)),
+    # `vaegan evaluate`: its flags are checked before the model is downloaded
+    Case("evaluate-out-is-a-file", ("evaluate", "--model", CHAMPION, "--n", "16", "--out", "{inputs}/notes.txt"),
+         ("--out folder '{inputs}/notes.txt' is a file; allowed: a new or empty folder",)),
+    Case("evaluate-n-below-the-minimum", ("evaluate", "--model", CHAMPION, "--n", "5", "--out", "{out}"),
+         ("vaegan evaluate: argument --n: invalid value '5'; allowed: an integer >= 16",)),
+    Case("evaluate-seed-above-the-range", ("evaluate", "--model", CHAMPION, "--seed", str(2**64), "--out", "{out}"),
+         (f"vaegan evaluate: argument --seed: invalid value '{2**64}'; allowed: an integer in [0, {2**63 - 1}]",)),
+    Case("evaluate-negative-seed", ("evaluate", "--model", CHAMPION, "--seed", "-1", "--out", "{out}"),
+         (f"vaegan evaluate: argument --seed: invalid value '-1'; allowed: an integer in [0, {2**63 - 1}]",)),
     Case("mixed-sizes-in-parquet-split", pull("encode", "--input", "{inputs}/mixed-sizes.parquet"),
          ("{inputs}/mixed-sizes.parquet row 1 holds an image of 3072 bytes; allowed: 784 bytes, one (1, 28, 28) "
           "uint8 image as the pipeline writes for this model",)),
@@ -213,9 +334,12 @@ def write_bad_sources(root: Path) -> None:
     write_pngs(root / "images-stray", 3)
     (root / "images-stray" / "notes.txt").write_text("where these images came from\n")
     (root / "images-empty").mkdir()
-    write_pngs(root / "images-corrupt", 40)
+    write_pngs(root / "images-corrupt", 80)  # 5 val and 5 test rows: past the driver's split check
     (root / "images-corrupt" / "broken.png").write_text("a download that failed half-way")
     pq.write_table(pa.table({"pixels": [b"\x00" * 784], "label": ["shirt"]}), root / "wrong-schema.parquet")
+    (root / "notes.txt").write_text("not an image, not Parquet, not a folder\n")
+    (root / "list.yaml").write_text("- data\n- train\n")
+    (root / "broken.yaml").write_text("train: {epochs: 3\n")
 
 
 def write_bad_pull_inputs(root: Path) -> None:
@@ -227,6 +351,17 @@ def write_bad_pull_inputs(root: Path) -> None:
     np.save(root / "nan.npy", nan)
     np.save(root / "four-channels.npy", np.zeros((2, 4, 28, 28), np.uint8))
     pq.write_table(pa.table({"image": [b"\x00" * 784, b"\x00" * 3072]}), root / "mixed-sizes.parquet")
+    pq.write_table(pa.table({"image": pa.array([b"\x00" * 784, None], pa.binary())}), root / "nulls.parquet")
+    pq.write_table(pa.table({"image": pa.array([[0] * 784] * 2, pa.list_(pa.uint8()))}), root / "lists.parquet")
+    np.save(root / "three.npy", np.zeros((3, 1, 28, 28), np.float32))
+    np.save(root / "hwc.npy", np.zeros((28, 28, 3), np.uint8))
+    np.save(root / "chw.npy", np.zeros((3, 28, 28), np.uint8))
+    np.save(root / "above-one.npy", np.linspace(0, 2, 2 * 28 * 28, dtype=np.float32).reshape(2, 1, 28, 28))
+    np.save(root / "objects.npy", np.array([{"pixels": 0}], dtype=object), allow_pickle=True)
+    (root / "truncated.npy").write_bytes((root / "hwc.npy").read_bytes()[:100])
+    (root / "bomb.png").write_bytes(png_header(20000, 20000))
+    (root / "bombs").mkdir()
+    (root / "bombs" / "bomb.png").write_bytes(png_header(20000, 20000))
 
 
 def write_earlier_run(run_dir: Path) -> None:

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import yaml
 
-from pipelines.config import CONFIG_DIR, PipelineConfig, flatten
+from pipelines.config import CONFIG_DIR, PipelineConfig, flatten, load_config
 from vaegan.config import ConfigError, VAEGANConfig, from_dict
 
 

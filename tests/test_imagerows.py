@@ -86,3 +86,42 @@ def test_serving_code_does_not_load_the_trainer():
             "loaded = [m for m in ('vaegan.step', 'vaegan.guard', 'vaegan.loop') if m in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("mode, pixel", [("RGBA", (0, 0, 0, 0)), ("LA", (0, 0)), ("RGBA", (200, 0, 0, 128))],
+                         ids=["rgba-clear", "la-clear", "rgba-half"])
+def test_transparent_pixels_are_composited_on_white(tmp_path, mode, pixel):
+    """A transparent pixel reads as white (as a viewer shows it), not as the colour it holds (black here);
+    a half-transparent one as its mix with white. Files and encoded bytes alike, in L and RGB."""
+    path = tmp_path / "alpha.png"
+    Image.new(mode, (2, 2), pixel).save(path)
+    alpha = pixel[-1] / 255
+    expected = [round(c * alpha + 255 * (1 - alpha)) for c in (pixel[:3] if mode == "RGBA" else pixel[:1] * 3)]
+    for source in (path, path.read_bytes()):
+        rgb = imagerows.decode_image(source, "RGB")
+        assert rgb.shape == (2, 2, 3)
+        np.testing.assert_allclose(rgb[0, 0], expected, atol=1)
+        np.testing.assert_allclose(imagerows.decode_image(source)[0, 0], expected, atol=1)
+        grey = imagerows.decode_image(source, "L")
+        assert grey.shape == (2, 2) and abs(int(grey[0, 0]) - round(np.dot(expected, [0.299, 0.587, 0.114]))) <= 1
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_a_value_error(tmp_path):
+    """Pillow's DecompressionBombError is neither OSError nor ValueError; the codec raises ValueError, which
+    preprocess and the pull verbs turn into one line naming the file."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(20000, 20000))
+    with pytest.raises(ValueError, match="exceeds limit"):
+        imagerows.decode_image(path)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header claiming ``width`` x ``height`` grey pixels, and no pixel data: Pillow's
+    size check reads no further."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))

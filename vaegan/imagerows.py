@@ -36,15 +36,23 @@ def decode_image(source: bytes | bytearray | Path, mode: str | None = None) -> n
     """An encoded image, as bytes or a file, as uint8 (H, W) or (H, W, C).
 
     ``mode`` "L" or "RGB" converts to it; None keeps L and RGB images as they are and converts any other mode
-    (palette, alpha, 16-bit, 1-bit) to RGB. Raises Pillow's errors: OSError (``UnidentifiedImageError`` for
-    bytes that are no image, truncation) or ValueError.
+    (palette, alpha, 16-bit, 1-bit) to RGB. Transparent pixels (RGBA, LA, PA, a palette's transparency) are
+    composited on white first, as a viewer shows them, not dropped to the colour they happen to hold.
+    Raises OSError (``UnidentifiedImageError`` for bytes that are no image, truncation) or ValueError (also
+    for an image over Pillow's decompression-bomb limit, whose own error is neither).
     """
     from PIL import Image
-    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
-        if mode is None:
-            # L and RGB as they are: convert() to the same mode would copy every pixel once more.
-            return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
-        return np.asarray(img.convert(mode))
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{err} (Pillow's Image.MAX_IMAGE_PIXELS)") from err
+    with img:
+        if img.mode in ("L", "RGB") and mode in (None, img.mode):
+            return np.asarray(img)  # as it is: convert() to the same mode would copy every pixel once more
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(img.convert(mode or "RGB"))
 
 
 def encode_rows(images: np.ndarray) -> np.ndarray:
@@ -76,9 +84,10 @@ def decode_rows_float(rows: Any, shape: Sequence[int], device: torch.device | st
 
 
 def first_bad_row(rows: Sequence[bytes], shape: Sequence[int]) -> int | None:
-    """The index of the first row that is not one image of ``shape`` (C, H, W), or None when all are."""
+    """The index of the first row that is not one image of ``shape`` (C, H, W) (a null row is none), or None
+    when all are."""
     size = int(np.prod(shape))
-    return next((i for i, row in enumerate(rows) if len(row) != size), None)
+    return next((i for i, row in enumerate(rows) if row is None or len(row) != size), None)
 
 
 def read_split(split_dir: Path, shape: Sequence[int], limit: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from vaegan.checkpoint import CHECKPOINT_NAME
 from vaegan.config import from_dict
 from vaegan.inference import GenerativeModel
 
-from .. import plots, tracking
+from .. import plots, shards, tracking
 from ..config import PipelineConfig, check_batch_fits, flatten, merge
 from ..context import RunContext, StepOutputs
 from ..training import SCORE, best_checkpoint_state, fit_tracked
@@ -60,6 +60,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), inputs.tune.overrides))
     data = inputs.preprocess
     check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
+    shards.check_no_empty_split(data.manifest["counts"], cfg.data, shards.MIN_SPLIT_ROWS)  # likewise
     featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
     outcome, run_id = fit_tracked(cfg, ctx, data.path, data.image_shape, featnet_path,
                                   name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)))
