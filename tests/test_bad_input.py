@@ -139,6 +139,9 @@ CASES = [
          ("config key 'loss.adversarial' has invalid value 'lsgan'; allowed: one of ['bce', 'hinge', 'wgan-gp']",)),
     Case("asha-reduction-factor-one", run("tune.reduction_factor=1"),
          ("config key 'tune.reduction_factor' has invalid value 1; allowed: an integer >= 2",)),
+    Case("search-key-outside-the-space", run("tune.search_keys=[model.latent_dim]"),
+         ("config key 'tune.search_keys' has invalid value 'model.latent_dim'; allowed: keys the vaegan sweep "
+          "searches (loss.kl_weight, ",)),
     Case("set-without-a-value", run("train.epochs"),
          ("--set expects key=value (e.g. train.epochs=3), got 'train.epochs'",)),
     Case("set-below-a-value", run("train.epochs.x=1"), ("--set 'train.epochs.x=1': 'epochs' is not a section",)),

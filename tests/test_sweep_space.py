@@ -11,7 +11,7 @@ SMOKE = CONFIG_DIR / "smoke.yaml"
 
 
 def test_keys_given_in_the_yaml_or_with_set_are_recorded():
-    cfg = load_config(SMOKE, ["loss.gamma=2", "opt_dis.lr=0.0002"])
+    cfg = load_config(SMOKE, ["loss.gamma=2", "opt_dis.lr=2e-4"])
     assert {"loss.gamma", "opt_dis.lr", "data.limit", "model.latent_dim"} <= set(cfg.given_keys)
     assert "loss.kl_weight" not in cfg.given_keys and "name" not in cfg.given_keys
 
