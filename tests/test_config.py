@@ -42,3 +42,13 @@ def test_shipped_configs_hold_only_what_differs_from_the_defaults():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         restated = [k for k, v in flatten(yaml.safe_load(path.read_text())).items() if defaults.get(k) == v]
         assert not restated, f"{path.name} restates defaults: {restated}"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"data": {"download_timeout_s": 0}}, "'data.download_timeout_s' has invalid value 0.0; allowed: seconds > 0"),
+    ({"data": {"download": "maybe"}}, "'data.download' must be true or false"),
+    ({"train": {"wait_for_autoscaler": 1}}, "'train.wait_for_autoscaler' must be true or false"),
+])
+def test_bad_pipeline_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(PipelineConfig, data)
