@@ -14,7 +14,7 @@ from vaegan.atomic import write_json
 from vaegan.config import ConfigError
 
 from . import dag, shards, tracking
-from .cluster import check_fits_local_ray, connect_ray, local_resources
+from .cluster import check_fits, connect_ray, local_resources
 from .config import PipelineConfig, check_batch_fits, flatten
 from .context import RunContext, StepResult
 
@@ -55,7 +55,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     cfg.data.check_source()
     check_data_fits(cfg)
     if not os.environ.get("RAY_ADDRESS"):
-        check_fits_local_ray(cfg, local_resources())
+        check_fits(cfg, local_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in dag.remove_stale_partials(run_dir):
         print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
@@ -63,7 +63,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     if cfg.register.tracking_uri:  # it goes into the run's params: without the credentials it may have held
         cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, tracking_uri=uri))
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
-    connect_ray()
+    connect_ray(cfg)
     parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)))
     ctx = RunContext(run_dir=str(run_dir.resolve()), tracking_uri=uri, experiment_id=experiment_id,
                      parent_run_id=parent)
