@@ -28,6 +28,7 @@ from vaegan.errors import UserError
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
+RUN_DIR_TAG = "vaegan.run_dir"  # the run folder whose driver opened the run: what a rerun closes
 BATCH_LIMITS = {"metrics": 1000, "params": 100}  # MLflow's most entries per log_batch call
 # MLflow's client retries a dead server for minutes per call by default; a step (and a training epoch)
 # should learn that the server is gone within seconds. One policy for the driver and every Ray worker.
@@ -109,9 +110,12 @@ def _refusal(uri: str, experiment: str, err: Exception) -> str:
 
 @names_an_unreachable_server
 def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str = "",
-              params: dict[str, Any] | None = None) -> str:
-    """Create a (child) run and return its id; the run stays open until ``end_run``."""
+              params: dict[str, Any] | None = None, run_dir: str = "") -> str:
+    """Create a (child) run and return its id; the run stays open until ``end_run``. ``run_dir`` tags it
+    with the pipeline's run folder, so that a rerun there can close it if its driver dies first."""
     tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
+    if run_dir:
+        tags[RUN_DIR_TAG] = run_dir
     run = client(uri).create_run(experiment_id, run_name=name, tags=tags)
     if params:
         log_params(uri, run.info.run_id, params)
@@ -196,6 +200,27 @@ def close_children(uri: str, experiment_id: str, parent_run_id: str, name_prefix
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.run_name LIKE '{name_prefix}%'"))
     for run in runs:
         mlflow_client.set_terminated(run.info.run_id, status="FINISHED" if run.info.run_name in finished else "FAILED")
+
+
+@names_an_unreachable_server
+def close_left_running(uri: str, experiment_id: str, run_dir: str) -> list[str]:
+    """End as KILLED the runs tagged with ``run_dir`` that are still RUNNING, and return their names.
+
+    Only the driver holding the run folder's lock (``pipeline.holding_run_dir``) calls this, before it opens
+    its own run, so every such run belongs to an earlier driver that died without closing it (SIGKILL gives
+    no chance to). Their end time is when this rerun noticed, not when that driver died."""
+    mlflow_client = client(uri)
+    closed, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                         max_results=1000, page_token=token)
+        for run in page:
+            if run.data.tags.get(RUN_DIR_TAG) == run_dir:
+                mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_name)
+        token = page.token
+        if not token:
+            return closed
 
 
 def require_sent(uri: str, run_id: str, unsent: int, checkpoints: str) -> None:
