@@ -57,7 +57,7 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
     ledger = ledger_path(storage, name)
     job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
                    featnet_path=str(featnet_path), ledger_path=str(ledger), tracking_uri=tracking_uri,
-                   mlflow_run_id=mlflow_run_id)
+                   mlflow_run_id=mlflow_run_id, mlflow_spool=str(storage / f"{name}.mlflow-unsent"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(job),

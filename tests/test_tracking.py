@@ -1,9 +1,10 @@
 """Training's MLflow logger and the driver's run bookkeeping against a real `mlflow server`: a call the server
-rejects is dropped, not mistaken for an outage that holds back every later figure; a rerun ends the runs a
-killed driver left RUNNING."""
+rejects is dropped, not mistaken for an outage that holds back every later figure; what an outage holds back
+outlives rank 0; a rerun ends the runs a killed driver left RUNNING."""
 from __future__ import annotations
 
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
@@ -52,3 +53,23 @@ def test_a_second_driver_cannot_take_a_run_folder_in_use(tmp_path):
         pass
     assert list(tmp_path.iterdir()) == []  # no lock file left in the run folder
 
+
+def test_figures_held_back_by_an_outage_outlive_rank_0(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the dead server below fails at once
+    experiment = tracking.ensure_experiment(mlflow_server, "spool-test", tmp_path)
+    run_id = tracking.start_run(mlflow_server, experiment, "train")
+    spool, png = tmp_path / "ray" / "train-abc.mlflow-unsent", tmp_path / "grids" / "samples.png"
+    png.parent.mkdir()
+    png.write_bytes(b"not really a png")
+    dead = tracking.BufferedRunLogger(f"http://127.0.0.1:{free_port()}", run_id, enabled=True, spool=spool)
+    dead.log_epoch({"loss/enc/kl": 1.5}, 1, [png])
+    assert dead.unsent() == 2 and (spool / "pending.json").is_file() and not png.exists()  # the grid moved in
+    del dead  # rank 0 dies during the outage; the restarted one finds the spool
+    restarted = tracking.BufferedRunLogger(mlflow_server, run_id, enabled=True, spool=spool)
+    assert restarted.unsent() == 2
+    restarted.log_epoch({"loss/enc/kl": 1.25}, 2, [])
+    assert restarted.unsent() == 0 and not spool.exists()
+    mlflow_client = MlflowClient(mlflow_server)
+    history = mlflow_client.get_metric_history(run_id, "loss/enc/kl")
+    assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 1.25)]
+    assert [a.path for a in mlflow_client.list_artifacts(run_id, "epoch_001")] == ["epoch_001/samples.png"]
