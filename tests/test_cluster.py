@@ -27,19 +27,27 @@ def one_cpu_cluster():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=1", "--num-gpus=0", f"--port={port}",
          f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats"],
+        # Without token auth, as the test's own client connects (with a ~/.ray/auth_token on the machine,
+        # e.g. from tests/test_deploy.py, `ray start` would demand the token otherwise).
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (temp / "ray_current_cluster").is_file():  # written once the head is up
             assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
             time.sleep(0.2)
+        ray.init(address=f"127.0.0.1:{port}")
+        while ray.cluster_resources().get("CPU") != 1:  # the head's raylet may register a moment later
+            assert time.time() < deadline, f"the head never showed its CPU: {ray.cluster_resources()}"
+            time.sleep(0.2)
+        ray.shutdown()
         yield f"127.0.0.1:{port}"
     finally:
         if ray.is_initialized():
             ray.shutdown()
         os.killpg(head.pid, signal.SIGTERM)  # this head's process group: its raylet, GCS and workers
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
@@ -49,7 +57,7 @@ def one_cpu_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_a_run_the_cluster_cannot_place_is_refused_in_one_line(one_cpu_cluster, monkeypatch, capsys):
+def test_a_run_the_cluster_cannot_place_is_refused_in_one_line(one_cpu_cluster, monkeypatch, capfd):
     monkeypatch.setenv("RAY_ADDRESS", one_cpu_cluster)
     cfg = from_dict(PipelineConfig, {"train": {"num_workers": 2}})
     with pytest.raises(ConfigError) as info:
@@ -62,4 +70,4 @@ def test_a_run_the_cluster_cannot_place_is_refused_in_one_line(one_cpu_cluster, 
     # An autoscaling cluster that will grow to fit: a warning, and the run goes on to wait for its nodes.
     check_fits(from_dict(PipelineConfig, {"train": {"num_workers": 2, "wait_for_autoscaler": True}}),
                ray.cluster_resources(), cluster=one_cpu_cluster)
-    assert "[ray] warning: config keys 'train.num_workers'" in capsys.readouterr().out
+    assert "[ray] warning: config keys 'train.num_workers'" in capfd.readouterr().out
