@@ -22,9 +22,10 @@ def local_resources() -> dict[str, float]:
     return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
 
 
-def connect_ray() -> bool:
+def connect_ray(cfg: PipelineConfig | None = None) -> bool:
     """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine; returns
-    whether the cluster is a local one of fixed size (no autoscaler will add nodes)."""
+    whether the cluster is a local one of fixed size (no autoscaler will add nodes). With ``cfg``, a
+    cluster joined is checked to hold the Train run (``check_fits``) before anything is scheduled."""
     local = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return local
@@ -45,6 +46,8 @@ def connect_ray() -> bool:
                  dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     else:
         ray.init(runtime_env=runtime_env)
+        if cfg is not None:
+            check_fits(cfg, ray.cluster_resources(), cluster=os.environ["RAY_ADDRESS"])
     return local
 
 
@@ -55,15 +58,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def check_fits_local_ray(cfg: PipelineConfig, have: dict[str, float]) -> None:
-    """A local Ray never grows: refuse a Train run it cannot place, instead of waiting forever."""
+def check_fits(cfg: PipelineConfig, have: dict[str, float], cluster: str = "") -> None:
+    """Refuse a Train run (and so a Tune trial, which is one) that Ray cannot place, instead of waiting
+    forever. A local Ray (``cluster`` "") never grows. A cluster joined at RAY_ADDRESS is judged by its nodes
+    now (``ray.cluster_resources()``): an autoscaler's headroom is not visible from here, so one that will
+    grow to fit is declared with ``train.wait_for_autoscaler``, which turns the refusal into a warning."""
     cpus = cfg.train.num_workers * cfg.train.cpus_per_worker
+    where = f"the Ray cluster at RAY_ADDRESS={cluster} has, on its nodes now," if cluster else "this machine's Ray has"
     if cpus > have.get("CPU", 0):
-        raise ConfigError(f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {cfg.train.num_workers} x "
-                          f"{cfg.train.cpus_per_worker} = {cpus} CPUs, but this machine's Ray has "
-                          f"{int(have.get('CPU', 0))}; allowed: at most that many "
-                          "(or set RAY_ADDRESS to a bigger cluster)")
-    if cfg.train.use_gpu and cfg.train.num_workers > have.get("GPU", 0):
-        raise ConfigError(f"config key 'train.num_workers' = {cfg.train.num_workers} GPU workers (train.use_gpu), but "
-                          f"this machine's Ray has {int(have.get('GPU', 0))} GPUs; allowed: at most that many, "
-                          "or train.use_gpu=false")
+        problem = (f"config keys 'train.num_workers' x 'train.cpus_per_worker' = {cfg.train.num_workers} x "
+                   f"{cfg.train.cpus_per_worker} = {cpus} CPUs, but {where} {int(have.get('CPU', 0))}")
+        allowed = "at most that many" + ("" if cluster else " (or set RAY_ADDRESS to a bigger cluster)")
+    elif cfg.train.use_gpu and cfg.train.num_workers > have.get("GPU", 0):
+        problem = (f"config key 'train.num_workers' = {cfg.train.num_workers} GPU workers (train.use_gpu), but "
+                   f"{where} {int(have.get('GPU', 0))} GPUs")
+        allowed = "at most that many, or train.use_gpu=false"
+    else:
+        return
+    if not cluster:
+        raise ConfigError(f"{problem}; allowed: {allowed}")
+    if not cfg.train.wait_for_autoscaler:
+        raise ConfigError(f"{problem}; allowed: {allowed}, or train.wait_for_autoscaler=true for a cluster that "
+                          "autoscales to fit")
+    print(f"[ray] warning: {problem}; waiting for its autoscaler to add nodes (train.wait_for_autoscaler=true)",
+          flush=True)

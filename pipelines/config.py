@@ -50,6 +50,8 @@ class DataConfig:
     source: str = ""  # IDX folder, image folder or Parquet path; "" finds Fashion-MNIST (Debian package, data_dir)
     format: Literal["auto", "idx", "images", "parquet"] = "auto"
     data_dir: str = "data"  # where a torchvision download of Fashion-MNIST goes
+    download: bool = True  # with source "": download Fashion-MNIST when it is not found on this machine
+    download_timeout_s: float = 30.0  # the longest the download waits on one connection or read
     limit: int = 0  # keep only the first N source images (0 keeps all); for smoke runs
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # IDX sources keep their own test file instead
@@ -64,6 +66,7 @@ class DataConfig:
             value = getattr(self, key)
             _require(0 < value < 0.5, f"data.{key}", value, "a fraction in (0, 0.5)")
         _require(self.rows_per_file > 0, "data.rows_per_file", self.rows_per_file, "a positive integer")
+        _require(self.download_timeout_s > 0, "data.download_timeout_s", self.download_timeout_s, "seconds > 0")
 
     def check_source(self) -> None:
         """That the source exists: a filesystem check, so the driver runs it once, before Ray (``validate``
@@ -71,6 +74,21 @@ class DataConfig:
         if self.source and not Path(self.source).exists():
             raise ConfigError(f"config key 'data.source' points to {self.source!r}, which does not exist; allowed: "
                               "an IDX folder, an image folder, a Parquet file or folder, or \"\" for Fashion-MNIST")
+
+    def find_idx(self, download: bool = True) -> Path:
+        """The IDX folder: ``source``, else Fashion-MNIST found on this machine, else (when ``data.download``
+        and ``download``) downloaded into ``data_dir``; a failure names the keys that govern the download."""
+        from vaegan import data as vdata  # torch and torchvision: only where an IDX source is read
+        allowed = download and self.download
+        try:
+            return vdata.find_idx_dir(self.source or None, self.data_dir, search_dirs=vdata.DEFAULT_IDX_DIRS,
+                                      allow_download=allowed, download_timeout_s=self.download_timeout_s)
+        except vdata.DatasetNotFoundError as err:
+            if self.source or not download:
+                raise
+            keys = (f"data.download=true, data.download_timeout_s={self.download_timeout_s:g}" if self.download
+                    else "data.download=false")
+            raise vdata.DatasetNotFoundError(f"with config keys {keys}: {err}") from None
 
 
 @dataclass
@@ -83,6 +101,9 @@ class TrainRunConfig(TrainConfig):
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     patience: int = 0  # early stopping: epochs without validation improvement (0 disables)
     val_images: int = 1000  # validation images for the per-epoch ELBO and FID
+    # With RAY_ADDRESS: warn, instead of refusing, when the cluster's nodes now cannot hold the run (true for a
+    # cluster whose autoscaler will add them; the run waits until it does).
+    wait_for_autoscaler: bool = False
 
     def validate(self) -> None:
         super().validate()

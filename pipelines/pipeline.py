@@ -5,7 +5,9 @@ alias_moved, image_shape, metrics, feature_net, data_fingerprint and per-step st
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from vaegan.atomic import write_json
 from vaegan.config import ConfigError
 
 from . import dag, shards, tracking
-from .cluster import check_fits_local_ray, connect_ray, local_resources
+from .cluster import check_fits, connect_ray, local_resources
 from .config import PipelineConfig, check_batch_fits, flatten
 from .context import RunContext, StepResult
 
@@ -28,6 +30,22 @@ def check_run_dir(run_dir: Path) -> None:
         problem = "is not a folder" if not existing.is_dir() else "is not writable"
         raise ConfigError(f"run folder {str(run_dir)!r} (--run-dir) cannot be written: {str(existing)!r} {problem}; "
                           "allowed: a folder this user can write")
+
+
+@contextlib.contextmanager
+def holding_run_dir(run_dir: Path):
+    """Hold an exclusive lock on the run folder for as long as this driver runs. The kernel drops it when
+    the driver dies, however it dies: whoever holds it knows that any run left RUNNING there is orphaned."""
+    fd = os.open(run_dir, os.O_RDONLY)  # flock works on a folder's descriptor: no lock file to leave behind
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run folder {str(run_dir)!r} (--run-dir) is in use by another `vaegan` run that "
+                              "is still going; allowed: wait for it to end, or another --run-dir") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_data_fits(cfg: PipelineConfig, steps: list[str]) -> None:
@@ -59,18 +77,29 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     check_data_fits(cfg, steps)
     dag.check_steps(cfg, steps)
     if not os.environ.get("RAY_ADDRESS"):
-        check_fits_local_ray(cfg, local_resources())
+        check_fits(cfg, local_resources())
     run_dir.mkdir(parents=True, exist_ok=True)
+    with holding_run_dir(run_dir):
+        return run_locked(cfg, run_dir, steps, force)
+
+
+def run_locked(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: set[str]) -> dict[str, Any]:
+    """The rest of ``run_pipeline``, while this driver alone holds the run folder."""
     for path in dag.remove_stale_partials(run_dir):
         print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
     uri = tracking.resolve_tracking_uri(cfg.register.tracking_uri, run_dir)
     if cfg.register.tracking_uri:  # it goes into the run's params: without the credentials it may have held
         cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, tracking_uri=uri))
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
-    connect_ray()
-    parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)))
-    ctx = RunContext(run_dir=str(run_dir.resolve()), tracking_uri=uri, experiment_id=experiment_id,
-                     parent_run_id=parent)
+    connect_ray(cfg)
+    folder = str(run_dir.resolve())
+    orphans = tracking.close_left_running(uri, experiment_id, folder)
+    if orphans:
+        print(f"[mlflow] marked KILLED {len(orphans)} runs an interrupted driver left RUNNING: {', '.join(orphans)}",
+              flush=True)
+    parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)),
+                                run_dir=folder)
+    ctx = RunContext(run_dir=folder, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
     try:
         results = dag.execute(cfg, ctx, steps, force)
     except BaseException:

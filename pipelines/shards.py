@@ -72,7 +72,7 @@ def split_counts(cfg: DataConfig) -> tuple[dict[str, int], bool]:
     fmt = source_format(cfg)
     if fmt == "idx":
         from vaegan import data as vdata  # torch and torchvision, so only where needed (see _fit)
-        idx_dir, cache = vdata.find_idx_dir(cfg.source or None, cfg.data_dir), Path(cfg.data_dir) / "idx-cache"
+        idx_dir, cache = cfg.find_idx(), Path(cfg.data_dir) / "idx-cache"
         train, test = (_idx_keep(cfg, split, vdata.check_idx(idx_dir, split, cache)) for split in ("train", "test"))
         keys, is_test, exact = np.arange(train), np.zeros(train, bool), True
     elif fmt == "images":
@@ -95,7 +95,7 @@ def source_files(cfg: DataConfig) -> list[Path]:
     fmt = source_format(cfg)
     if fmt == "idx":
         from vaegan import data as vdata
-        root = vdata.find_idx_dir(cfg.source or None, cfg.data_dir, allow_download=False)
+        root = cfg.find_idx(download=False)
         names = [name for pair in vdata.IDX_FILES.values() for name in pair]
         return sorted(p for name in names for p in (root / name, root / f"{name}.gz") if p.is_file())
     root = Path(cfg.source)
@@ -144,7 +144,7 @@ def idx_blocks(cfg: DataConfig) -> tuple[list[dict[str, np.ndarray]], list[str]]
     """The IDX source as 5000-row blocks of numpy columns: ``image`` uint8 (B, 1, H, W), ``label``,
     ``key`` and ``is_test``; and the class names. Plain numpy, so a benchmark can run it without Ray."""
     from vaegan import data as vdata
-    idx_dir = vdata.find_idx_dir(cfg.source or None, cfg.data_dir)
+    idx_dir = cfg.find_idx()
     blocks = []
     for split, offset in (("train", 0), ("test", 10**9)):  # offsets keep the two files' keys apart
         images, labels = vdata.load_idx(idx_dir, split, cache_dir=Path(cfg.data_dir) / "idx-cache")

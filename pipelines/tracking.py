@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import shutil
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -23,11 +25,13 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from vaegan.atomic import write_json
 from vaegan.errors import UserError
 
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
+RUN_DIR_TAG = "vaegan.run_dir"  # the run folder whose driver opened the run: what a rerun closes
 BATCH_LIMITS = {"metrics": 1000, "params": 100}  # MLflow's most entries per log_batch call
 # MLflow's client retries a dead server for minutes per call by default; a step (and a training epoch)
 # should learn that the server is gone within seconds. One policy for the driver and every Ray worker.
@@ -109,9 +113,12 @@ def _refusal(uri: str, experiment: str, err: Exception) -> str:
 
 @names_an_unreachable_server
 def start_run(uri: str, experiment_id: str, name: str, parent_run_id: str = "",
-              params: dict[str, Any] | None = None) -> str:
-    """Create a (child) run and return its id; the run stays open until ``end_run``."""
+              params: dict[str, Any] | None = None, run_dir: str = "") -> str:
+    """Create a (child) run and return its id; the run stays open until ``end_run``. ``run_dir`` tags it
+    with the pipeline's run folder, so that a rerun there can close it if its driver dies first."""
     tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
+    if run_dir:
+        tags[RUN_DIR_TAG] = run_dir
     run = client(uri).create_run(experiment_id, run_name=name, tags=tags)
     if params:
         log_params(uri, run.info.run_id, params)
@@ -198,6 +205,27 @@ def close_children(uri: str, experiment_id: str, parent_run_id: str, name_prefix
         mlflow_client.set_terminated(run.info.run_id, status="FINISHED" if run.info.run_name in finished else "FAILED")
 
 
+@names_an_unreachable_server
+def close_left_running(uri: str, experiment_id: str, run_dir: str) -> list[str]:
+    """End as KILLED the runs tagged with ``run_dir`` that are still RUNNING, and return their names.
+
+    Only the driver holding the run folder's lock (``pipeline.holding_run_dir``) calls this, before it opens
+    its own run, so every such run belongs to an earlier driver that died without closing it (SIGKILL gives
+    no chance to). Their end time is when this rerun noticed, not when that driver died."""
+    mlflow_client = client(uri)
+    closed, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                         max_results=1000, page_token=token)
+        for run in page:
+            if run.data.tags.get(RUN_DIR_TAG) == run_dir:
+                mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_name)
+        token = page.token
+        if not token:
+            return closed
+
+
 def require_sent(uri: str, run_id: str, unsent: int, checkpoints: str) -> None:
     """Fail the step if training could not send all its figures to MLflow: a model must not be registered
     from a run whose record is incomplete. The checkpoints stay: a rerun resumes from the last one and logs
@@ -232,37 +260,83 @@ class BufferedRunLogger:
     instead of holding back everything after it. ``unsent()`` counts what is
     still held; the driver fails the step with a clear error instead of registering a model whose run
     lacks them.
+
+    With a ``spool`` folder (beside the run's checkpoints in Ray's storage) what an outage holds back is also
+    kept on disk, written atomically after every call it holds back, the grids moved in beside it; the next
+    logger with that spool (the restarted rank 0, or a rerun's) sends it first, each call into the run it
+    was made for. So rank 0 dying during an outage loses no epoch.
     """
 
-    def __init__(self, uri: str, run_id: str, enabled: bool):
+    def __init__(self, uri: str, run_id: str, enabled: bool, spool: Path | None = None):
         self.enabled = enabled and bool(run_id)
         self.uri, self.run_id = uri, run_id
-        self.pending: list[Callable[[], None]] = []
+        self.spool = spool if self.enabled else None
+        # Plain-JSON calls, each {"kind", "run", ...}: what _call sends and what the spool stores.
+        self.pending: list[dict[str, Any]] = self._spooled()
         self.outage_reported = False
         self.rejected = 0
         self.client = client(uri) if self.enabled else None
 
     def log_nodes(self, nodes: list[str]) -> None:
-        self._send(lambda: self.client.set_tag(self.run_id, "train.node_ids", ",".join(nodes)),
-                   lambda: self.client.log_param(self.run_id, "train.num_nodes", len(set(nodes))))
+        self._send({"kind": "tag", "key": "train.node_ids", "value": ",".join(nodes)},
+                   {"kind": "param", "key": "train.num_nodes", "value": len(set(nodes))})
 
     def log_epoch(self, summary: dict[str, float], epoch: int, pngs: list[Path]) -> None:
-        metrics = metric_entities(summary, epoch)
-        self._send(lambda: send_batch(self.client, self.run_id, metrics=metrics),
-                   *(self._artifact(png, f"epoch_{epoch:03d}") for png in pngs))
+        metrics = [[m.key, m.value, m.timestamp, m.step] for m in metric_entities(summary, epoch)]
+        self._send({"kind": "metrics", "metrics": metrics},
+                   *({"kind": "artifact", "path": str(png), "folder": f"epoch_{epoch:03d}"} for png in pngs))
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """A rerun of the pipeline resumes into a new MLflow run: give it the epochs its checkpoint holds
         (a worker restart resumes into the same run, which has them already)."""
-        def send() -> None:
-            if "epoch" not in self.client.get_run(self.run_id).data.metrics:
-                send_batch(self.client, self.run_id,
-                           metrics=[m for h in history for m in metric_entities(h, int(h["epoch"]))])
         if history:
-            self._send(send)
+            self._send({"kind": "backfill", "history": history})
 
     def unsent(self) -> int:
         return len(self.pending)
+
+    def _call(self, call: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+        kind, run_id = call["kind"], call["run"]
+        if kind == "tag":
+            self.client.set_tag(run_id, call["key"], call["value"])
+        elif kind == "param":
+            self.client.log_param(run_id, call["key"], call["value"])
+        elif kind == "metrics":
+            send_batch(self.client, run_id, metrics=[Metric(*m) for m in call["metrics"]])
+        elif kind == "backfill":
+            if "epoch" not in self.client.get_run(run_id).data.metrics:
+                send_batch(self.client, run_id, metrics=[m for h in call["history"]
+                                                         for m in metric_entities(h, int(h["epoch"]))])
+        elif os.path.exists(call["path"]):  # an artifact; gone only if a spool was cleared by hand
+            self.client.log_artifact(run_id, call["path"], artifact_path=call["folder"])
+            os.unlink(call["path"])
+
+    def _spooled(self) -> list[dict[str, Any]]:
+        if self.spool is None or not (self.spool / "pending.json").is_file():
+            return []
+        calls = json.loads((self.spool / "pending.json").read_text())
+        print(f"[train] {len(calls)} MLflow calls an earlier attempt held back during an outage are sent first "
+              f"(from {self.spool})", flush=True)
+        return calls
+
+    def _keep(self) -> None:
+        """Mirror ``pending`` into the spool: the grids moved in beside it, the list written atomically; an
+        empty list removes the spool."""
+        if self.spool is None:
+            return
+        if not self.pending:
+            shutil.rmtree(self.spool, ignore_errors=True)
+            return
+        self.spool.mkdir(parents=True, exist_ok=True)
+        for index, call in enumerate(self.pending):
+            if call["kind"] == "artifact" and Path(call["path"]).parent != self.spool and os.path.exists(call["path"]):
+                # A folder per grid: the file keeps its name, which is the artifact's name.
+                target = self.spool / f"{time.time_ns()}-{index}" / Path(call["path"]).name
+                target.parent.mkdir()
+                shutil.move(call["path"], target)
+                call["path"] = str(target)
+        write_json(self.spool / "pending.json", self.pending)
 
     def _report_rejection(self, err: MlflowException) -> None:
         if not self.rejected:
@@ -271,19 +345,14 @@ class BufferedRunLogger:
                   "(later rejections are dropped silently)", flush=True)
         self.rejected += 1
 
-    def _artifact(self, png: Path, folder: str) -> Callable[[], None]:
-        def send() -> None:
-            self.client.log_artifact(self.run_id, str(png), artifact_path=folder)
-            os.unlink(png)
-        return send
-
-    def _send(self, *calls: Callable[[], None]) -> None:
+    def _send(self, *calls: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.pending.extend(calls)
+        held_back = bool(self.pending)
+        self.pending.extend({**call, "run": self.run_id} for call in calls)
         while self.pending:
             try:
-                self.pending[0]()
+                self._call(self.pending[0])
             except (MlflowException, OSError) as err:  # requests' errors are OSErrors
                 if is_rejection(err):  # sending it again gets the same answer: drop it, keep the rest flowing
                     self._report_rejection(err)
@@ -293,8 +362,11 @@ class BufferedRunLogger:
                     print(f"[train] MLflow at {self.uri} is not answering ({type(err).__name__}); training goes on "
                           "and its figures are sent once it is back", flush=True)
                 self.outage_reported = True
+                self._keep()
                 return
             self.pending.pop(0)
+        if held_back:
+            self._keep()
         if self.outage_reported:
             print(f"[train] MLflow at {self.uri} is back; buffered figures sent", flush=True)
             self.outage_reported = False

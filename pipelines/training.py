@@ -57,7 +57,7 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
     ledger = ledger_path(storage, name)
     job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
                    featnet_path=str(featnet_path), ledger_path=str(ledger), tracking_uri=tracking_uri,
-                   mlflow_run_id=mlflow_run_id)
+                   mlflow_run_id=mlflow_run_id, mlflow_spool=str(storage / f"{name}.mlflow-unsent"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(job),
@@ -86,7 +86,8 @@ def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shap
     """``fit`` inside a new MLflow child run of the pipeline's run; returns the outcome and the run id,
     still open for the caller's artifacts. If training raises, the run is marked ``status_on_error``;
     None leaves it to the caller (Tune tears an early-stopped trial down mid-fit, which is no failure)."""
-    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, name, ctx.parent_run_id, params=params)
+    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, name, ctx.parent_run_id, params=params,
+                                run_dir=ctx.run_dir)
     try:
         outcome = fit(cfg, data_dir, image_shape, featnet_path, name=name, storage=Path(ctx.run_dir) / "ray",
                       tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id, train_limit=train_limit,

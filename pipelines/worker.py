@@ -51,6 +51,7 @@ class TrainJob:
     ledger_path: str
     tracking_uri: str = ""
     mlflow_run_id: str = ""
+    mlflow_spool: str = ""  # where rank 0 keeps what an MLflow outage holds back (BufferedRunLogger)
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -68,7 +69,8 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     ledger = FaultLedger(Path(job.ledger_path), trainer.step, writer=rank == 0)
     torch.manual_seed(cfg.train.seed + 1000 * rank + start_epoch)  # different noise per rank
     validation = Validation(job, cfg)
-    logger = BufferedRunLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
+    logger = BufferedRunLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0,
+                               spool=Path(job.mlflow_spool) if job.mlflow_spool else None)
     logger.log_nodes(gather_node_ids(world))
     logger.backfill(history)
     if start_epoch > cfg.train.epochs:  # a rerun after the last checkpoint: hand that checkpoint back as the result

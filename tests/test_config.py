@@ -85,3 +85,13 @@ def test_register_names_follow_mlflows_rules(key, value):
         assert f"register.{key}" in str(err)
         refused = True
     assert refused == mlflow_refuses()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"data": {"download_timeout_s": 0}}, "'data.download_timeout_s' has invalid value 0.0; allowed: seconds > 0"),
+    ({"data": {"download": "maybe"}}, "'data.download' must be true or false"),
+    ({"train": {"wait_for_autoscaler": 1}}, "'train.wait_for_autoscaler' must be true or false"),
+])
+def test_bad_pipeline_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(PipelineConfig, data)

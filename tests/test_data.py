@@ -170,6 +170,38 @@ def test_nothing_found_without_download(tmp_path, monkeypatch):
     assert str(tmp_path / "FashionMNIST" / "raw") in message  # lists where it looked
 
 
+@pytest.fixture
+def silent_mirror(monkeypatch):
+    """torchvision's Fashion-MNIST mirrors pointed at a server that accepts connections and never answers,
+    and nothing found on this machine: the download is the only way left, and it must give up in time."""
+    import socket
+
+    import torchvision
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        silent = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [silent])
+        monkeypatch.setattr("vaegan.data.DEFAULT_IDX_DIRS", ())
+        yield
+
+
+def test_a_download_that_gets_no_answer_gives_up_naming_the_keys(tmp_path, silent_mirror):
+    import socket
+
+    from pipelines.config import DataConfig
+    start = time.perf_counter()
+    with pytest.raises(DatasetNotFoundError) as info:
+        DataConfig(data_dir=str(tmp_path), download_timeout_s=0.5).find_idx()
+    assert time.perf_counter() - start < 10  # it used to wait for as long as the server kept silent
+    message = str(info.value)
+    assert "\n" not in message and "TimeoutError" in message, message
+    assert message.startswith("with config keys data.download=true, data.download_timeout_s=0.5: "), message
+    assert socket.getdefaulttimeout() is None  # the process's default is restored
+    with pytest.raises(DatasetNotFoundError, match=r"^with config keys data.download=false: .*download disabled"):
+        DataConfig(data_dir=str(tmp_path), download=False).find_idx()
+
+
 # ----------------------------------------------------------------------------- procedural shapes
 
 

@@ -133,6 +133,21 @@ def test_training_resumes_from_the_latest_checkpoint_not_from_scratch(attempts):
     assert "from step 0" not in line, line
 
 
+def test_the_runs_a_killed_driver_left_running_are_ended_by_the_rerun(attempts, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    mlflow_client = MlflowClient(mlflow_server)
+    experiment = mlflow_client.get_experiment_by_name("faults").experiment_id
+    folder = str(attempts["run_dir"].resolve())
+    runs = [r for r in mlflow_client.search_runs([experiment], max_results=1000)
+            if r.data.tags.get("vaegan.run_dir") == folder]
+    # Attempt 1 died in preprocess (its pipeline run), attempt 2 in training (its pipeline and train runs).
+    assert sorted((r.info.run_name.split("-")[0], r.info.status) for r in runs) == [
+        ("pipeline", "FINISHED"), ("pipeline", "KILLED"), ("pipeline", "KILLED"), ("train", "FINISHED"),
+        ("train", "KILLED")]
+    assert "[mlflow] marked KILLED 2 runs an interrupted driver left RUNNING" in attempts["third"]
+    assert not list((attempts["run_dir"] / "ray").glob("*.mlflow-unsent"))  # no outage, so nothing spooled
+
+
 def test_a_killed_worker_is_replaced_and_the_run_records_what_was_redone(attempts):
     faults = attempts["summary"]["train_faults"]
     assert faults["restarts"] == 2  # the rerun of the killed driver, then the killed worker

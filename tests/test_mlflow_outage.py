@@ -113,7 +113,15 @@ def test_a_server_down_until_training_ends_fails_clearly_and_the_rerun_resumes(s
     assert "[train] resumed from epoch 2" in output(rerun), "the rerun trains nothing again"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"]["preprocess"]["status"] == "cached"
-    newest = max(train_runs(server.uri), key=lambda r: r.info.start_time)
+    folder = str(run_dir.resolve())
+    oldest, newest = sorted((r for r in train_runs(server.uri) if r.data.tags.get("vaegan.run_dir") == folder),
+                            key=lambda r: r.info.start_time)
     assert [m.step for m in client.get_metric_history(newest.info.run_id, "val/fid")] == [1, 2]
+    # What the outage held back was spooled beside the checkpoints and reached the first attempt's own run,
+    # which the rerun, like that attempt's pipeline run, found RUNNING and ended as KILLED.
+    assert sorted(m.step for m in client.get_metric_history(oldest.info.run_id, "val/fid")) == [1, 2]
+    assert client.get_run(oldest.info.run_id).info.status == "KILLED"
+    assert "[mlflow] marked KILLED 2 runs" in output(rerun)
+    assert not list((run_dir / "ray").glob("*.mlflow-unsent"))
     version = client.get_model_version_by_alias("vaegan-outage-rerun", "champion")
     assert int(version.version) == summary["model_version"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import socket
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -79,6 +80,7 @@ def find_idx_dir(
     *,
     search_dirs: Sequence[str | os.PathLike] = DEFAULT_IDX_DIRS,
     allow_download: bool = True,
+    download_timeout_s: float | None = None,
 ) -> Path:
     """Return a directory holding the four Fashion-MNIST/MNIST IDX files (gzipped or not).
 
@@ -87,7 +89,8 @@ def find_idx_dir(
     With ``source=None`` the ``search_dirs`` (default :data:`DEFAULT_IDX_DIRS`) are tried, then
     ``<data_dir>/FashionMNIST/raw``, then - if ``allow_download`` - torchvision's download into
     ``data_dir``. torchvision's ``urlopen`` has no timeout: offline with DNS failing it errors in
-    about a second, but on a network that silently drops packets it can hang, hence the switch.
+    about a second, but on a network that silently drops packets it can hang, hence the switch and
+    ``download_timeout_s``, the longest the download waits on one connection or read.
     """
     if source is not None:
         src = Path(source).expanduser()
@@ -108,12 +111,17 @@ def find_idx_dir(
     tried = ", ".join(str(c) for c in candidates)
     if not allow_download:
         raise DatasetNotFoundError(f"Fashion-MNIST not found in {tried}; download disabled. {_HOW_TO_GET}")
+    previous = socket.getdefaulttimeout()
+    # torchvision passes no timeout to urlopen, whose sockets then take the process's default one.
+    socket.setdefaulttimeout(download_timeout_s)
     try:
         torchvision.datasets.FashionMNIST(str(Path(data_dir).expanduser()), train=True, download=True)
-    except Exception as exc:  # offline: RuntimeError wrapping URLError; disk full: OSError
+    except Exception as exc:  # offline: RuntimeError wrapping URLError; silent: TimeoutError; disk full: OSError
         raise DatasetNotFoundError(
             f"Fashion-MNIST not found in {tried}, and the torchvision download failed "
-            f"({type(exc).__name__}: {str(exc).strip()}). {_HOW_TO_GET}") from exc
+            f"({type(exc).__name__}: {' '.join(str(exc).split())}). {_HOW_TO_GET}") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
     if _missing_files(raw_dir):
         raise DatasetNotFoundError(
             f"torchvision's download finished but {raw_dir} lacks {', '.join(_missing_files(raw_dir))}. {_HOW_TO_GET}")

@@ -47,7 +47,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     run_id, own_run = inputs.train.mlflow_run_id, False
     if not tracking.run_exists(ctx.tracking_uri, run_id):
         # The cached train step logged to another tracking server: the model needs a run on this one.
-        run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"register-{ctx.step_key}", ctx.parent_run_id)
+        run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, f"register-{ctx.step_key}", ctx.parent_run_id,
+                                    run_dir=ctx.run_dir)
         own_run = True
     try:
         registered = registry.register(
