@@ -189,11 +189,15 @@ def silent_mirror(monkeypatch):
 def test_a_download_that_gets_no_answer_gives_up_naming_the_keys(tmp_path, silent_mirror):
     import socket
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipelines.config import DataConfig
-    start = time.perf_counter()
-    with pytest.raises(DatasetNotFoundError) as info:
-        DataConfig(data_dir=str(tmp_path), download_timeout_s=0.5).find_idx()
-    assert time.perf_counter() - start < 10  # it used to wait for as long as the server kept silent
+    # It used to wait for as long as the server kept silent; the 60 s bound only keeps a regression from
+    # hanging the suite (the TimeoutError in the message is what shows the 0.5 s timeout acted).
+    with ThreadPoolExecutor(1) as pool:
+        attempt = pool.submit(DataConfig(data_dir=str(tmp_path), download_timeout_s=0.5).find_idx)
+        with pytest.raises(DatasetNotFoundError) as info:
+            attempt.result(timeout=60)
     message = str(info.value)
     assert "\n" not in message and "TimeoutError" in message, message
     assert message.startswith("with config keys data.download=true, data.download_timeout_s=0.5: "), message
