@@ -17,7 +17,6 @@ C = 1, 3 or 4 last or (C, H, W) with C = 3 or 4 first, is refused as ambiguous: 
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 from mlflow.tracking import MlflowClient
 
+from vaegan.atomic import unwritable_reason
 from vaegan.data import match_channels, resize_images
 from vaegan.errors import UserError
 from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows_float, first_bad_row, is_image_file
@@ -208,9 +208,9 @@ def check_out(path: str | Path, suffixes: tuple[str, ...] = (".png", ".npy"), fl
         raise PullError(f"{flag} {str(path)!r} is a folder; {allowed} (e.g. {str(path / ('out' + suffixes[0]))!r})")
     if path.suffix not in suffixes:
         raise PullError(f"{flag} {str(path)!r} does not end in {' or '.join(suffixes)}; {allowed}")
-    folder = next(p for p in path.absolute().parents if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        problem = "is not a folder" if not folder.is_dir() else "is not writable"
+    reason = unwritable_reason(path.parent)
+    if reason is not None:
+        folder, problem = reason
         raise PullError(f"{flag} {str(path)!r} cannot be written: {str(folder)!r} {problem}; allowed: a file in a "
                         "folder this user can write")
     return path

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vaegan.atomic import write_json
+from vaegan.atomic import unwritable_reason, write_json
 from vaegan.config import ConfigError
 
 from . import dag, shards, tracking
@@ -25,9 +25,9 @@ SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iw
 
 def check_run_dir(run_dir: Path) -> None:
     """The run folder, or the nearest folder above it that exists, must be writable."""
-    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        problem = "is not a folder" if not existing.is_dir() else "is not writable"
+    reason = unwritable_reason(run_dir)
+    if reason is not None:
+        existing, problem = reason
         raise ConfigError(f"run folder {str(run_dir)!r} (--run-dir) cannot be written: {str(existing)!r} {problem}; "
                           "allowed: a folder this user can write")
 

@@ -34,3 +34,15 @@ def write_json(path: str | Path, data: Any, durable: bool = True) -> Path:
     with atomic_file(path, "w", durable) as f:
         json.dump(data, f, indent=2)
     return Path(path)
+
+
+def unwritable_reason(folder: str | Path) -> tuple[Path, str] | None:
+    """Why files could not be written into ``folder`` (created if missing): the nearest of it and the folders
+    above it that exists, and what is wrong with that ("is not a folder", "is not writable"); None if nothing."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return existing, "is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return existing, "is not writable"
+    return None
