@@ -6,8 +6,10 @@ cloudpickle nor MLFLOW_ALLOW_PICKLE_DESERIALIZATION. The ``vaegan`` package trav
 model as a code path, so a fresh environment only needs torch, torchvision, scipy and mlflow.
 
 Modes (chosen by the request's params):
-- ``sample``: ``num_samples`` (1..MAX_SAMPLES) images from the prior with ``seed``; the input is an
-  empty (0, C, H, W) float32 array, present only because the signature declares a tensor input.
+- ``sample``: ``num_samples`` (1..MAX_SAMPLES) images with ``seed``, z drawn from ``prior``: ``standard``
+  (N(0, I), the default) or ``fitted`` (the Gaussian mixture fitted to the training set's posterior means,
+  which the checkpoint carries); the input is an empty (0, C, H, W) float32 array, present only because the
+  signature declares a tensor input.
 - ``encode``: images (N, C, H, W) float32 in [0, 1] -> posterior means (N, latent_dim).
 - ``reconstruct``: images (N, C, H, W) float32 in [0, 1] -> reconstructions, same shape, in [0, 1].
 - ``interpolate``: the first two images (2, C, H, W) -> ``steps`` (2..MAX_STEPS) images decoded along the
@@ -48,13 +50,21 @@ class VAEGANPyfunc(PythonModel):
             num = int(params.get("num_samples", 16))
             if not 1 <= num <= MAX_SAMPLES:
                 raise _bad_request(f"params.num_samples={num} is outside the allowed range 1..{MAX_SAMPLES}")
-            return self.model.sample(num, seed=int(params.get("seed", 0))).numpy().astype(np.float32)
+            return self._sample(num, int(params.get("seed", 0)), str(params.get("prior", "standard")))
         images = self._images(model_input)
         if mode == "encode":
             return self.model.encode(images).numpy().astype(np.float32)
         if mode == "interpolate":
             return self._interpolate(images, int(params.get("steps", 8)))
         return self.model.reconstruct(images).numpy().astype(np.float32)
+
+    def _sample(self, num: int, seed: int, prior: str) -> np.ndarray:
+        from vaegan.inference import PriorError
+
+        try:
+            return self.model.sample(num, seed=seed, prior=prior).numpy().astype(np.float32)
+        except PriorError as err:
+            raise _bad_request(f"params.prior: {err}") from err
 
     def _interpolate(self, images: torch.Tensor, steps: int) -> np.ndarray:
         if len(images) < 2:

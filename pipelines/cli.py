@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from vaegan.errors import UserError
+from vaegan.config import PRIORS
 
 from .config import MIN_EVAL_IMAGES, load_config
 from .steps import STEPS
@@ -98,6 +99,9 @@ def add_evaluate_verb(verbs) -> None:
     evaluate.add_argument("--n", type=_int_in(MIN_EVAL_IMAGES), default=10000,
                           help=f"images scored (and samples drawn), at least {MIN_EVAL_IMAGES}")
     evaluate.add_argument("--seed", type=_seed, default=0, help=f"0..{SEED_MAX}")
+    evaluate.add_argument("--prior", choices=PRIORS, default="standard",
+                          help="sampler of the sample figures: N(0, I), or the mixture fitted to the training "
+                          "set's latents (fid_fitted_prior is reported either way when the model has one)")
     evaluate.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder")
     evaluate.add_argument("--log", action="store_true", help="also log metrics and files to the model's MLflow run")
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -122,6 +126,8 @@ def add_pull_verbs(verbs) -> None:
     sample = verb("sample", "generate images from the prior", takes_input=False)
     sample.add_argument("--num", type=_positive, default=64, help="number of images")
     sample.add_argument("--seed", type=_seed, default=0, help=f"0..{SEED_MAX}")
+    sample.add_argument("--prior", choices=PRIORS, default="standard",
+                        help="z from N(0, I), or from the Gaussian mixture fitted to the training set's latents")
     sample.add_argument("--npy", type=Path, help="also write the images as a float32 .npy array")
     verb("encode", "images -> posterior means (N, latent_dim) .npy", takes_input=True)
     reconstruct = verb("reconstruct", "images -> reconstructions", takes_input=True)
@@ -164,7 +170,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .model_eval import EvaluateRequest, evaluate
     report = evaluate(EvaluateRequest(model_uri=args.model, out=args.out, data=args.data, split=args.split,
-                                      num_images=args.n, seed=args.seed, log=args.log))
+                                      num_images=args.n, seed=args.seed, prior=args.prior, log=args.log))
     print(json.dumps(report, indent=2))
     print(f"metrics: {args.out / 'metrics.json'}")
     return 0
@@ -181,7 +187,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     model = pull.load_model(args.model)
     shape = pull.image_shape(model)
     if args.verb == "sample":
-        images = pull.predict(model, None, mode="sample", num_samples=args.num, seed=args.seed)
+        images = pull.predict(model, None, mode="sample", num_samples=args.num, seed=args.seed,
+                              prior=args.prior)
     else:
         inputs = np.concatenate([pull.read_images(path, shape, args.limit or 0) for path in args.input])
         if args.verb == "encode":

@@ -48,6 +48,7 @@ class EvaluateRequest:
     split: str = "test"
     num_images: int = 10000
     seed: int = 0
+    prior: str = "standard"  # vaegan.prior.PRIORS: the sampler of the sample-quality figures and samples.png
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: bool = False
 
@@ -117,6 +118,8 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
     claim_folder(request.out, "--out folder")
     with tempfile.TemporaryDirectory() as tmp:
         state = download_checkpoint(request.model_uri, Path(tmp))
+    model = GenerativeModel.from_checkpoint(state)
+    model.check_prior(request.prior)  # before any data is read or preprocessed
     eval_cfg = dataclasses.replace(request.eval, num_images=request.num_images)
     cfg = from_dict(PipelineConfig, {**dataclasses.asdict(config_of(state)), "eval": dataclasses.asdict(eval_cfg)})
     data = preprocessed_data(request.data, cfg, request.out)
@@ -125,16 +128,16 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
         raise ConfigError(f"--split {request.split!r} has {counts.get(request.split, 0)} images in {data.path} "
                           f"(counts: {counts}); allowed: a split of at least {shards.MIN_SPLIT_ROWS} images")
     featnet_path, featnet_name = data.feature_net(cfg.data.data_dir, cfg.eval)
-    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=request.seed, split=request.split)
-    model = GenerativeModel.from_checkpoint(state)
-    pngs = write_grids(model, data, request.out, seed=request.seed, split=request.split)
+    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=request.seed, split=request.split,
+                              prior=request.prior)
+    pngs = write_grids(model, data, request.out, seed=request.seed, split=request.split, prior=request.prior)
     history = json.loads(state.get("history", "[]"))
     if history:
         pngs.append(plots.loss_curves(history, request.out / "loss_curves.png"))
     report = {"model_uri": request.model_uri, "metrics": scores, "feature_net": featnet_name,
               "data": {"dir": str(data.path), "fingerprint": data.manifest["fingerprint"], "split": request.split},
               "num_images": min(request.num_images, counts[request.split]),
-              "seeds": {"samples": request.seed, "iwae": request.seed},
+              "seeds": {"samples": request.seed, "iwae": request.seed}, "prior": request.prior,
               "iwae": {"k": cfg.eval.iwae_k, "images": cfg.eval.iwae_images},
               "pngs": [p.name for p in pngs]}
     write_json(request.out / "metrics.json", report)

@@ -20,7 +20,8 @@ from .cluster import check_fits, connect_ray, local_resources
 from .config import PipelineConfig, check_batch_fits, flatten
 from .context import RunContext, StepResult
 
-SUMMARY_METRICS = ("fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units", "elbo_gap")
+SUMMARY_METRICS = ("fid", "fid_fitted_prior", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll",
+                   "active_units", "elbo_gap")
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -30,7 +30,8 @@ def signature(image_shape: list[int]) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]),
         params=ParamSchema([ParamSpec("mode", "string", "sample"), ParamSpec("num_samples", "long", 16),
-                            ParamSpec("seed", "long", 0), ParamSpec("steps", "long", 8)]))
+                            ParamSpec("seed", "long", 0), ParamSpec("steps", "long", 8),
+                            ParamSpec("prior", "string", "standard")]))
 
 
 def requirements() -> list[str]:

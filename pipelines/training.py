@@ -15,8 +15,11 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+import torch
 from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vaegan.guard import NonFiniteLossError
+from vaegan.inference import GenerativeModel
+from vaegan.prior import fit_gaussian_mixture
 
 from . import tracking
 from .config import PipelineConfig
@@ -24,7 +27,10 @@ from .context import RunContext
 from .faults import ledger_path, read_ledger
 from .worker import SCORE, TrainJob, train_loop_per_worker
 
-__all__ = ["SCORE", "TrainOutcome", "best_checkpoint_state", "fit", "fit_tracked", "worker_resources"]
+ENCODE_BATCH = 1024  # images per encoder forward when fitting the prior (54k at once would take GiBs)
+
+__all__ = ["SCORE", "TrainOutcome", "best_checkpoint_state", "fit", "fit_tracked", "with_fitted_prior",
+           "worker_resources"]
 
 
 @dataclasses.dataclass
@@ -106,3 +112,11 @@ def best_checkpoint_state(result: ray.train.Result) -> dict[str, Any]:
         raise RuntimeError(f"training run {result.path} finished without a checkpoint: {result.error}")
     with checkpoint.as_directory() as folder:
         return load_checkpoint(Path(folder) / CHECKPOINT_NAME)
+
+
+def with_fitted_prior(state: dict[str, Any], train_images: Any, seed: int) -> dict[str, Any]:
+    """``state`` plus ``fitted_prior``: the Gaussian mixture of the training images' posterior means that
+    ``sample --prior fitted`` draws from (``vaegan/prior.py``). Fitted on the driver after training, once."""
+    model = GenerativeModel.from_checkpoint(state)
+    latents = torch.cat([model.encode(chunk) for chunk in train_images.split(ENCODE_BATCH)])  # bounded memory
+    return {**state, "fitted_prior": fit_gaussian_mixture(latents, seed=seed)}

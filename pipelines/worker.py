@@ -194,9 +194,10 @@ class Validation:
         return save_grids(model, self.images[:32], Path(tempfile.mkdtemp(prefix="vaegan-grids-")), self.seed)
 
 
-def save_grids(model: GenerativeModel, originals: torch.Tensor, folder: Path, seed: int) -> list[Path]:
-    """samples.png (8x8 prior samples) and reconstructions.png (each original beside its reconstruction)."""
+def save_grids(model: GenerativeModel, originals: torch.Tensor, folder: Path, seed: int,
+               prior: str = "standard") -> list[Path]:
+    """samples.png (8x8 samples from ``prior``) and reconstructions.png (each original beside its reconstruction)."""
     pairs = torch.stack([originals, model.reconstruct(originals)], dim=1).flatten(0, 1)  # (2N, C, H, W)
-    save_image(model.sample(64, seed=seed), folder / "samples.png", nrow=8)
+    save_image(model.sample(64, seed=seed, prior=prior), folder / "samples.png", nrow=8)
     save_image(pairs, folder / "reconstructions.png", nrow=8)
     return [folder / "samples.png", folder / "reconstructions.png"]

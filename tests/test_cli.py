@@ -15,7 +15,7 @@ def test_dry_run_prints_the_resolved_config():
     assert done.returncode == 0, done.stderr
     cfg = json.loads(done.stdout)
     assert cfg["train"]["epochs"] == 3 and cfg["tune"]["enabled"] is False and cfg["name"] == "smoke"
-    assert cfg["loss"]["adversarial"] == "bce"  # defaults filled in from the dataclasses
+    assert cfg["loss"]["adversarial"] == "hinge"  # defaults filled in from the dataclasses
 
 
 def test_overrides_are_typed_like_yaml():

@@ -228,8 +228,13 @@ def test_mlflow_models_serve_answers_every_mode(served_model):
     status, body = post(url, {"inputs": samples[:2].tolist(), "params": {"mode": "interpolate", "steps": 5}})
     assert status == 200 and np.asarray(body["predictions"]).shape == (5, 1, 28, 28)
 
+    fitted = {"mode": "sample", "num_samples": 8, "seed": 3, "prior": "fitted"}
+    status, body = post(url, {"inputs": dummy, "params": fitted})
+    assert status == 200 and not np.array_equal(np.asarray(body["predictions"], np.float32), samples)
     status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "num_samples": 5000}})
     assert status == 400 and "num_samples=5000" in body["message"]
+    status, body = post(url, {"inputs": dummy, "params": {"mode": "sample", "prior": "gmm"}})
+    assert status == 400 and "params.prior: prior 'gmm' is not one of ['standard', 'fitted']" in body["message"]
     status, body = post(url, {"inputs": np.zeros((2, 3, 28, 28)).tolist(), "params": {"mode": "encode"}})
     assert 400 <= status < 500, body
 

@@ -88,10 +88,12 @@ LOAD_SCRIPT = textwrap.dedent("""
     a = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 0})
     b = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 0})
     c = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 1})
+    f = model.predict(empty, params={"mode": "sample", "num_samples": 16, "seed": 0, "prior": "fitted"})
     z = model.predict(a, params={"mode": "encode"})
     r = model.predict(a, params={"mode": "reconstruct"})
     print(json.dumps({"sample": [list(a.shape), str(a.dtype), float(a.min()), float(a.max())],
                       "same_seed_equal": bool(np.array_equal(a, b)), "other_seed_differs": bool(not np.array_equal(a, c)),
+                      "fitted_prior": [list(f.shape), bool(not np.array_equal(a, f))],
                       "encode": [list(z.shape), str(z.dtype)],
                       "reconstruct": [list(r.shape), str(r.dtype), float(r.min()), float(r.max())]}))
 """)
@@ -107,6 +109,7 @@ def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, mlflow_
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["sample"][:2] == [[16, 1, 28, 28], "float32"] and 0 <= out["sample"][2] and out["sample"][3] <= 1
     assert out["same_seed_equal"] and out["other_seed_differs"]
+    assert out["fitted_prior"] == [[16, 1, 28, 28], True]  # the train step fitted it; it travels in the checkpoint
     assert out["encode"] == [[16, 16], "float32"]  # smoke.yaml's latent_dim
     assert out["reconstruct"][:2] == [[16, 1, 28, 28], "float32"]
     assert 0 <= out["reconstruct"][2] and out["reconstruct"][3] <= 1

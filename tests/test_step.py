@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vaegan import losses
+from vaegan.augment import diff_augment
 from vaegan.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vaegan.config import VAEGANConfig
 from vaegan.inference import GenerativeModel
@@ -33,24 +34,27 @@ def independent_gradients(cfg, enc, dec, dis, x, noise):
     """Each network's gradient of its own loss alone, from fresh copies, with plain autograd."""
     enc, dec, dis = (copy.deepcopy(m).requires_grad_(True) for m in (enc, dec, dis))
     lc, batch = cfg.loss, x.shape[0]
+    # DiffAugment: a real image and its reconstruction seen under one draw, a prior sample under its own
+    pair, prior = (lambda v: v, lambda v: v) if noise.augment is None else (
+        lambda v: diff_augment(v, noise.augment[:batch]), lambda v: diff_augment(v, noise.augment[batch:]))
     mu, logvar = enc(x)
     z = mu + noise.eps * torch.exp(0.5 * logvar)
     rec_logits, prior_logits = dec(z), dec(noise.z_prior)
-    real_logits, real_feats = dis(x)
-    rec_logits_d, rec_feats = dis(torch.sigmoid(rec_logits))
-    prior_logits_d, _ = dis(torch.sigmoid(prior_logits))
+    real_logits, real_feats = dis(pair(x))
+    rec_logits_d, rec_feats = dis(pair(torch.sigmoid(rec_logits)))
+    prior_logits_d, _ = dis(prior(torch.sigmoid(prior_logits)))
     feature = losses.feature_nll(rec_feats, real_feats.detach())
     pixel = losses.pixel_nll(rec_logits, x)
     loss_enc = lc.kl_weight * losses.kl_divergence(mu, logvar) + lc.feature_weight * feature + lc.pixel_weight * pixel
     gan = losses.generator_loss(lc.adversarial, torch.cat([rec_logits_d, prior_logits_d]))
     loss_dec = lc.gamma * feature + lc.pixel_weight * pixel + lc.adversarial_weight * gan
-    fakes = torch.sigmoid(torch.cat([rec_logits, prior_logits])).detach()
+    fakes = torch.cat([pair(torch.sigmoid(rec_logits)), prior(torch.sigmoid(prior_logits))]).detach()
     real = x.clone().requires_grad_(True)
-    real_logits, _ = dis(real)
+    real_logits, _ = dis(pair(real))
     real_term, fake_term = losses.discriminator_loss(lc.adversarial, real_logits, dis(fakes)[0])
     loss_dis = real_term + fake_term
     if lc.adversarial == "wgan-gp":
-        interp = (noise.mix * x + (1 - noise.mix) * fakes[:batch]).requires_grad_(True)
+        interp = (noise.mix * pair(x) + (1 - noise.mix) * fakes[:batch]).requires_grad_(True)
         loss_dis = loss_dis + lc.gp_weight * losses.gradient_penalty(dis(interp)[0], interp)
     if lc.r1_weight > 0:
         loss_dis = loss_dis + lc.r1_weight * losses.r1_penalty(real_logits, real)
@@ -59,19 +63,22 @@ def independent_gradients(cfg, enc, dec, dis, x, noise):
         grads[name] = torch.autograd.grad(loss, list(module.parameters()), retain_graph=True)
     # A leaky step: the discriminator's loss on fakes still attached to the decoder, backpropagated with
     # the decoder's (pytorch/examples dcgan's errG/errD pattern without the detach).
-    attached_fakes = torch.sigmoid(torch.cat([rec_logits, prior_logits]))
+    attached_fakes = torch.cat([pair(torch.sigmoid(rec_logits)), prior(torch.sigmoid(prior_logits))])
     leaked = sum(losses.discriminator_loss(lc.adversarial, real_logits, dis(attached_fakes)[0]))
     leaky = torch.autograd.grad(loss_dec + leaked, list(dec.parameters()), retain_graph=True, allow_unused=True)
     return grads, leaky
 
 
-@pytest.mark.parametrize("adversarial, r1", [("bce", 0.0), ("hinge", 2.0), ("wgan-gp", 0.0)])
-def test_each_gradient_equals_its_own_loss_alone(adversarial, r1):
-    cfg = tiny_config(adversarial=adversarial, r1_weight=r1)
+@pytest.mark.parametrize("adversarial, r1, diffaugment", [("bce", 0.0, False), ("hinge", 2.0, False),
+                                                          ("wgan-gp", 0.0, False), ("hinge", 2.0, True),
+                                                          ("wgan-gp", 0.0, True)])
+def test_each_gradient_equals_its_own_loss_alone(adversarial, r1, diffaugment):
+    cfg = tiny_config(adversarial=adversarial, r1_weight=r1, diffaugment=diffaugment)
     trainer = make_trainer(cfg)
     initial = [copy.deepcopy(m) for m in (trainer.enc, trainer.dec, trainer.dis)]
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     noise = trainer.sample_noise(x, torch.Generator().manual_seed(2))
+    assert (noise.augment is not None) == diffaugment
     trainer.train_step(x, noise)
     expected, leaky = independent_gradients(cfg, *initial, x, noise)
     for name, module in (("enc", trainer.enc), ("dec", trainer.dec), ("dis", trainer.dis)):

@@ -17,6 +17,7 @@ from .errors import UserError
 
 SUPPORTED_IMAGE_SIZES = (28, 32, 64, 128)
 SUPPORTED_CHANNELS = (1, 3)
+PRIORS = ("standard", "fitted")  # samplers of z: N(0, I), or the mixture fitted to the training latents (prior.py)
 
 
 class ConfigError(UserError, ValueError):
@@ -49,10 +50,13 @@ class LossConfig:
     free_bits: float = 0.0  # nats per latent dimension below which KL is not penalised (Kingma et al. 2016)
     feature_weight: float = 1.0  # weight of the Dis_l term in the encoder loss
     pixel_weight: float = 0.1  # optional Bernoulli pixel log-likelihood term (0 disables it)
-    adversarial: Literal["bce", "hinge", "wgan-gp"] = "bce"
+    # hinge + the spectral-norm discriminator + DiffAugment: the discriminator learns on every step, where BCE under
+    # the balance rule stopped after one epoch (benchmarks/results/balance.json, docs/challenges.md section 5)
+    adversarial: Literal["bce", "hinge", "wgan-gp"] = "hinge"
     adversarial_weight: float = 1.0
     gp_weight: float = 10.0  # WGAN-GP gradient penalty (Gulrajani et al. 2017), used when adversarial == "wgan-gp"
     r1_weight: float = 0.0  # R1 penalty on real images (Mescheder et al. 2018); 0 disables it
+    diffaugment: bool = True  # translation + cutout on every image the discriminator sees (Zhao et al. 2020)
 
     def validate(self) -> None:
         for key in ("gamma", "kl_weight", "free_bits", "feature_weight", "pixel_weight",
@@ -83,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 10.0  # max global grad norm per network; 0 disables clipping (the NaN guard still runs)
     ema_decay: float = 0.999  # EMA of decoder weights used for sampling; 0 disables it
-    balance_margin: float = 0.35  # D/G equilibrium around ln 2 (Larsen's code); 0 disables skipping
+    balance_margin: float = 0.35  # loss.adversarial=bce only: D/G equilibrium around ln 2 (Larsen's code); 0: off
     max_bad_steps: int = 20  # consecutive non-finite steps tolerated before a rollback (or failure)
     max_rollbacks: int = 3  # rollbacks to the last good checkpoint allowed before training fails
     rollback_lr_factor: float = 0.5  # each rollback multiplies every optimiser's learning rate by this

@@ -38,12 +38,17 @@ def likelihood(model: GenerativeModel, images: torch.Tensor, iwae_k: int, seed: 
 
 
 def evaluate_model(model: GenerativeModel, featnet: FeatureNet, images: torch.Tensor, *, iwae_k: int,
-                   iwae_images: int, seed: int = 0, train_images: torch.Tensor | None = None) -> dict[str, float]:
-    """Every core metric: sample quality against held-out ``images`` (as many samples as images),
-    reconstruction error, active units, and likelihood bounds on the first ``iwae_images`` images.
+                   iwae_images: int, seed: int = 0, train_images: torch.Tensor | None = None,
+                   prior: str = "standard") -> dict[str, float]:
+    """Every core metric: sample quality against held-out ``images`` (as many samples as images, z from
+    ``prior``), reconstruction error, active units, and likelihood bounds on the first ``iwae_images`` images.
+    A model with a fitted prior also gets ``fid_fitted_prior``, the FID of its samples from that prior.
     With ``train_images``, also the train ELBO and the train/test ELBO gap (overfitting shows as a gap > 0)."""
-    fakes = model.sample(len(images), seed=seed)
+    fakes = model.sample(len(images), seed=seed, prior=prior)
     scores = sample_quality(featnet, images, fakes)
+    if model.fitted_prior is not None:
+        fitted = fakes if prior == "fitted" else model.sample(len(images), seed=seed, prior="fitted")
+        scores["fid_fitted_prior"] = sample_quality(featnet, images, fitted)["fid"]
     scores["recon_mse"] = metrics.reconstruction_mse(model.enc, model.dec, images)
     scores["active_units"] = float(metrics.active_units(model.enc, images))
     scores.update(likelihood(model, images[:iwae_images], iwae_k, seed))

@@ -40,6 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from . import losses
+from .augment import diff_augment
+from .augment import draw_params as augment_params
 from .config import OptimConfig, VAEGANConfig
 from .guard import DivergenceGuard
 
@@ -61,6 +63,7 @@ class StepNoise:
     eps: torch.Tensor  # (B, latent_dim) reparameterisation noise
     z_prior: torch.Tensor  # (B, latent_dim) samples from p(z) = N(0, I)
     mix: torch.Tensor  # (B, 1, 1, 1) real/fake mixing weights for the WGAN-GP interpolates
+    augment: torch.Tensor | None = None  # (2B, 4) DiffAugment draws: :B for the (real, rec) pairs, B: for prior samples
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -152,7 +155,9 @@ class VAEGANTrainer:
             return torch.randn(*shape, generator=generator).to(x.device)
 
         mix = torch.rand(batch, 1, 1, 1, generator=generator).to(x.device)
-        return StepNoise(eps=draw(batch, latent), z_prior=draw(batch, latent), mix=mix)
+        augment = (augment_params(2 * batch, x.shape[2], x.shape[3], generator)
+                   if self.cfg.loss.diffaugment and self.dis is not None else None)
+        return StepNoise(eps=draw(batch, latent), z_prior=draw(batch, latent), mix=mix, augment=augment)
 
     def train_step(self, x: torch.Tensor, noise: StepNoise | None = None) -> dict[str, float]:
         """One update of all networks on batch ``x``; returns flat metrics (``loss/enc/kl``, ...)."""
@@ -211,13 +216,15 @@ class VAEGANTrainer:
         rec_logits = self._run(self.dec, z, sync=False)  # (B, C, H, W)
         prior_logits = self._run(self.dec, noise.z_prior, sync=True)  # (B, C, H, W)
         real = x.detach().requires_grad_(cfg.r1_weight > 0)
-        real_batch = real
+        pair_view, prior_view = self._dis_views(noise, batch)
+        rec_seen, real_seen = pair_view(torch.sigmoid(rec_logits)), pair_view(real)
+        real_batch = real_seen
         if cfg.adversarial == "wgan-gp":
-            interp = (noise.mix * x + (1 - noise.mix) * torch.sigmoid(rec_logits.detach())).requires_grad_(True)
-            real_batch = torch.cat([real, interp])  # (2B, C, H, W): real, then interpolates
+            interp = (noise.mix * real_seen.detach() + (1 - noise.mix) * rec_seen.detach()).requires_grad_(True)
+            real_batch = torch.cat([real_seen, interp])  # (2B, C, H, W): real, then interpolates
         real_logits, real_feats = self._run(self.dis, real_batch, sync=False)  # (B or 2B,), (B or 2B, F)
-        rec_dis_logits, rec_feats = self._run(self.dis, torch.sigmoid(rec_logits), sync=False)  # (B,), (B, F)
-        prior_dis_logits, _ = self._run(self.dis, torch.sigmoid(prior_logits), sync=True)  # (B,)
+        rec_dis_logits, rec_feats = self._run(self.dis, rec_seen, sync=False)  # (B,), (B, F)
+        prior_dis_logits, _ = self._run(self.dis, prior_view(torch.sigmoid(prior_logits)), sync=True)  # (B,)
         fake_logits = torch.cat([rec_dis_logits, prior_dis_logits])  # (2B,): L_GAN's two fake terms
         real_logits, interp_logits = real_logits[:batch], real_logits[batch:]
 
@@ -241,6 +248,15 @@ class VAEGANTrainer:
         bce = torch.stack([nn.functional.softplus(-real_logits.detach().float()).mean(),
                            nn.functional.softplus(fake_logits.detach().float()).mean()])
         return StepLosses(metrics, [(enc_total, [self.enc]), (dec_total, [self.dec]), (dis_total, [self.dis])], bce)
+
+    @staticmethod
+    def _dis_views(noise: StepNoise, batch: int):
+        """What the discriminator sees of a (real, reconstruction) pair and of a prior sample: the images
+        themselves, or with DiffAugment the pair under one shared draw and the prior sample under its own."""
+        if noise.augment is None:
+            return (lambda images: images), (lambda images: images)
+        pair, prior = noise.augment[:batch], noise.augment[batch:]
+        return (lambda images: diff_augment(images, pair)), (lambda images: diff_augment(images, prior))
 
     def _backward_each(self, plan: list[tuple[torch.Tensor, list[nn.Module]]]) -> None:
         """Each loss's gradient into its own networks' parameters only; the graph is kept until the last."""

@@ -22,7 +22,7 @@ from vaegan.inference import GenerativeModel
 from .. import tracking
 from ..config import EvalConfig, PipelineConfig, flatten
 from ..context import RunContext, StepOutputs
-from ..training import best_checkpoint_state, fit_tracked
+from ..training import best_checkpoint_state, fit_tracked, with_fitted_prior
 from . import preprocess, train
 
 
@@ -60,11 +60,12 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
 
 
 def score_checkpoint(cfg: EvalConfig, state: dict[str, Any], data: preprocess.Outputs, featnet_path: Path,
-                     seed: int, split: str = "test") -> dict[str, float]:
-    """Every core metric on ``cfg.num_images`` images of ``split`` (the ELBO gap against the train split)."""
+                     seed: int, split: str = "test", prior: str = "standard") -> dict[str, float]:
+    """Every core metric on ``cfg.num_images`` images of ``split`` (the ELBO gap against the train split),
+    samples drawn from ``prior``."""
     return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(featnet_path),
                           data.images(split, cfg.num_images), iwae_k=cfg.iwae_k, iwae_images=cfg.iwae_images,
-                          seed=seed, train_images=data.images("train", cfg.iwae_images))
+                          seed=seed, train_images=data.images("train", cfg.iwae_images), prior=prior)
 
 
 def baseline_vae(cfg: PipelineConfig, ctx: RunContext, data: preprocess.Outputs, featnet_path: Path) -> dict[str, float]:
@@ -72,7 +73,8 @@ def baseline_vae(cfg: PipelineConfig, ctx: RunContext, data: preprocess.Outputs,
     vae_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="vae"))
     outcome, run_id = fit_tracked(vae_cfg, ctx, data.path, data.image_shape, featnet_path,
                                   name=f"baseline-vae-{ctx.step_key}", params=flatten(dataclasses.asdict(vae_cfg)))
-    scores = score_checkpoint(cfg.eval, best_checkpoint_state(outcome.result), data, featnet_path, seed=cfg.train.seed)
+    state = with_fitted_prior(best_checkpoint_state(outcome.result), data.images("train"), cfg.train.seed)
+    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=cfg.train.seed)
     tracking.log_metrics(ctx.tracking_uri, run_id, {f"test/{k}": v for k, v in scores.items()})
     tracking.end_run(ctx.tracking_uri, run_id)
     return scores

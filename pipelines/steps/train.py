@@ -24,7 +24,7 @@ from vaegan.inference import GenerativeModel
 from .. import plots, shards, tracking
 from ..config import PipelineConfig, check_batch_fits, flatten, merge
 from ..context import RunContext, StepOutputs
-from ..training import SCORE, best_checkpoint_state, fit_tracked
+from ..training import SCORE, best_checkpoint_state, fit_tracked, with_fitted_prior
 from ..worker import save_grids
 from . import preprocess, tune
 
@@ -65,7 +65,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     outcome, run_id = fit_tracked(cfg, ctx, data.path, data.image_shape, featnet_path,
                                   name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)))
     tracking.require_sent(ctx.tracking_uri, run_id, outcome.mlflow_unsent, outcome.result.path)
-    state = best_checkpoint_state(outcome.result)
+    state = with_fitted_prior(best_checkpoint_state(outcome.result), data.images("train"), cfg.train.seed)
     torch.save(state, out / CHECKPOINT_NAME)
     history = json.loads(state["history"])
     (out / "history.json").write_text(json.dumps(history, indent=2))
@@ -80,9 +80,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
 
 
 def write_grids(model: GenerativeModel, data: preprocess.Outputs, out: Path, seed: int = 0,
-                split: str = "test") -> list[Path]:
-    """samples.png, reconstructions.png and interpolation.png (a latent walk between two of the split's
-    images); the split's first 32 images are the fixed set that gets reconstructed."""
+                split: str = "test", prior: str = "standard") -> list[Path]:
+    """samples.png (from ``prior``), reconstructions.png and interpolation.png (a latent walk between two of
+    the split's images); the split's first 32 images are the fixed set that gets reconstructed."""
     originals = data.images(split, limit=32)
     save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
-    return [*save_grids(model, originals, out, seed), out / "interpolation.png"]
+    return [*save_grids(model, originals, out, seed, prior), out / "interpolation.png"]
