@@ -79,7 +79,7 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def run_variant(cfg: VAEGANConfig, train: torch.Tensor, test: torch.Tensor, featnet, quick: bool) -> dict[str, Any]:
+def run_variant(cfg: VAEGANConfig, train: torch.Tensor, test: torch.Tensor, featnet) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     enc, dec, dis = build_nets(cfg.model)
     trainer = VAEGANTrainer(cfg, enc, dec, dis)
@@ -114,7 +114,7 @@ def main() -> None:
         overrides = {**base, **variants[name]}
         cfg = from_dict(VAEGANConfig, nested(overrides))
         print(f"[balance] {name}: {overrides}", flush=True)
-        results[name] = {"overrides": variants[name], **run_variant(cfg, train, test, featnet, args.quick)}
+        results[name] = {"overrides": variants[name], **run_variant(cfg, train, test, featnet)}
         print(f"[balance] {name}: {results[name]}", flush=True)
     common.print_table([(name, f"FID {r['metrics']['fid']:.1f}  dis_update {r['dis_update_fraction']}  "
                                f"active {r['metrics']['active_units']:.0f}  mse {r['metrics']['recon_mse']:.4f}")

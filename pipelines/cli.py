@@ -24,8 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from vaegan.errors import UserError
 from vaegan.config import PRIORS
+from vaegan.errors import UserError
 
 from .config import MIN_EVAL_IMAGES, load_config
 from .steps import STEPS

@@ -15,10 +15,10 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-import torch
 from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vaegan.guard import NonFiniteLossError
 from vaegan.inference import GenerativeModel
+from vaegan.metrics import posterior_means
 from vaegan.prior import fit_gaussian_mixture
 
 from . import tracking
@@ -26,8 +26,6 @@ from .config import PipelineConfig
 from .context import RunContext
 from .faults import ledger_path, read_ledger
 from .worker import SCORE, TrainJob, train_loop_per_worker
-
-ENCODE_BATCH = 1024  # images per encoder forward when fitting the prior (54k at once would take GiBs)
 
 __all__ = ["SCORE", "TrainOutcome", "best_checkpoint_state", "fit", "fit_tracked", "with_fitted_prior",
            "worker_resources"]
@@ -117,6 +115,5 @@ def best_checkpoint_state(result: ray.train.Result) -> dict[str, Any]:
 def with_fitted_prior(state: dict[str, Any], train_images: Any, seed: int) -> dict[str, Any]:
     """``state`` plus ``fitted_prior``: the Gaussian mixture of the training images' posterior means that
     ``sample --prior fitted`` draws from (``vaegan/prior.py``). Fitted on the driver after training, once."""
-    model = GenerativeModel.from_checkpoint(state)
-    latents = torch.cat([model.encode(chunk) for chunk in train_images.split(ENCODE_BATCH)])  # bounded memory
+    latents = posterior_means(GenerativeModel.from_checkpoint(state).enc, train_images)  # in bounded batches
     return {**state, "fitted_prior": fit_gaussian_mixture(latents, seed=seed)}

@@ -21,8 +21,12 @@ def extract_features(net: FeatureNet, images: torch.Tensor, batch_size: int = 51
 
 def sample_quality(featnet: FeatureNet, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
     """FID, KID and improved precision/recall between real and generated images."""
-    real_feats, fake_feats = extract_features(featnet, real), extract_features(featnet, fake)
-    kid, kid_std = metrics.kernel_inception_distance(real_feats, fake_feats, subset_size=min(1000, len(real)))
+    return feature_quality(extract_features(featnet, real), extract_features(featnet, fake))
+
+
+def feature_quality(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> dict[str, float]:
+    """``sample_quality`` from the feature net's features of the real and generated images, (N, F) each."""
+    kid, kid_std = metrics.kernel_inception_distance(real_feats, fake_feats, subset_size=min(1000, len(real_feats)))
     precision, recall = metrics.precision_recall(real_feats, fake_feats)
     return {"fid": metrics.frechet_distance(real_feats, fake_feats), "kid": kid, "kid_std": kid_std,
             "precision": precision, "recall": recall}
@@ -44,11 +48,11 @@ def evaluate_model(model: GenerativeModel, featnet: FeatureNet, images: torch.Te
     ``prior``), reconstruction error, active units, and likelihood bounds on the first ``iwae_images`` images.
     A model with a fitted prior also gets ``fid_fitted_prior``, the FID of its samples from that prior.
     With ``train_images``, also the train ELBO and the train/test ELBO gap (overfitting shows as a gap > 0)."""
-    fakes = model.sample(len(images), seed=seed, prior=prior)
-    scores = sample_quality(featnet, images, fakes)
+    real_feats = extract_features(featnet, images)  # once, for both priors' figures
+    scores = feature_quality(real_feats, extract_features(featnet, model.sample(len(images), seed=seed, prior=prior)))
     if model.fitted_prior is not None:
-        fitted = fakes if prior == "fitted" else model.sample(len(images), seed=seed, prior="fitted")
-        scores["fid_fitted_prior"] = sample_quality(featnet, images, fitted)["fid"]
+        scores["fid_fitted_prior"] = scores["fid"] if prior == "fitted" else metrics.frechet_distance(
+            real_feats, extract_features(featnet, model.sample(len(images), seed=seed, prior="fitted")))
     scores["recon_mse"] = metrics.reconstruction_mse(model.enc, model.dec, images)
     scores["active_units"] = float(metrics.active_units(model.enc, images))
     scores.update(likelihood(model, images[:iwae_images], iwae_k, seed))

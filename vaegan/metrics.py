@@ -214,7 +214,8 @@ def nats_to_bits_per_dim(nll_nats: float, num_dims: int) -> float:
     return nll_nats / (num_dims * math.log(2.0))
 
 
-def _posterior_means(encoder: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+@torch.no_grad()
+def posterior_means(encoder: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """E_q[z|x] for every image of x (N, C, H, W), encoded ``batch_size`` at a time -> (N, D)."""
     return torch.cat([encoder(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
 
@@ -227,7 +228,7 @@ def active_units(encoder: nn.Module, x: torch.Tensor, threshold: float = 0.01,
     A unit u is active when Cov_x(E_{q(u|x)}[u]) > threshold, i.e. its posterior mean varies
     across the data; collapsed units have a posterior mean that ignores x.
     """
-    means = _posterior_means(encoder, x, batch_size)  # (N, D)
+    means = posterior_means(encoder, x, batch_size)  # (N, D)
     return int((means.var(dim=0) > threshold).sum())
 
 
