@@ -1,12 +1,21 @@
-"""Shared fixtures: a real `mlflow server` on 127.0.0.1 with an sqlite backend, and the CLI runner."""
+"""Shared fixtures: real `mlflow server`s on 127.0.0.1 (a plain one, and one with basic auth), the suite's one
+full smoke pipeline run, and the CLI runner."""
 from __future__ import annotations
 
+import base64
+import configparser
+import contextlib
+import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,3 +80,93 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
     """Run the `vaegan` console script as a user would, from the repository root."""
     return subprocess.run([str(BIN / "vaegan"), *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def auth_server(tmp_path_factory):
+    """A basic-auth MLflow server (own sqlite stores, admin from the environment) and one non-admin user."""
+    root = tmp_path_factory.mktemp("auth-server")
+    config = configparser.ConfigParser()
+    # The credential cache as a production server would set it: without it every request pays a PBKDF2 hash
+    # (0.2 s here), and a run of hundreds of logging calls and artifact uploads takes minutes longer.
+    config["mlflow"] = {"default_permission": "READ", "database_uri": f"sqlite:///{root / 'users.db'}",
+                        "admin_username": "admin", "auth_cache_ttl_seconds": "300",
+                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+    with open(root / "auth.ini", "w") as f:
+        config.write(f)
+    admin_password, user_password = secrets.token_hex(16), secrets.token_hex(16)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", 120, proc)
+        assert api(uri, "users/create", {"username": "pipeline-bot", "password": user_password},
+                   ("admin", admin_password)) == 200
+        yield {"uri": uri, "user": "pipeline-bot", "password": user_password}
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def api(uri: str, endpoint: str, body: dict | None, auth: tuple[str, str] | None) -> int:
+    """The HTTP status of one MLflow REST call (POST with ``body``, else GET), as ``auth`` or anonymous."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@contextlib.contextmanager
+def as_user(server: dict):
+    """MLflow clients in this process use ``server`` as the pipeline's user inside the block."""
+    from mlflow.tracking import MlflowClient
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", server["uri"])
+        patch.setenv("MLFLOW_TRACKING_USERNAME", server["user"])
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", server["password"])
+        yield MlflowClient(server["uri"])
+
+
+def without_mlflow_settings() -> dict[str, str]:
+    """This process's environment less every MLFLOW_ variable, so that a run gets only the ones a test gives."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+# smoke.yaml runs one trial and no VAE baseline; the suite's full smoke run asks for both, to check the tune
+# table and the baseline's MLflow run (the only Ray run of the suite that pays for them). loss.gamma is given,
+# so the sweep must leave it alone.
+FULL_SMOKE = ("--set", "tune.num_samples=2", "--set", "eval.baseline_vae=true", "--set", "loss.gamma=2.0")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(auth_server, tmp_path_factory):
+    """The suite's one full smoke DAG, against the basic-auth server as its non-admin user with the password
+    in the environment: test_pipeline checks the DAG's contracts on it, test_security that the password is
+    written nowhere. Ray's session files go to a folder of our own (short: Ray's socket paths must fit 107
+    bytes), for test_security to grep; the reruns the tests make with ``env`` write there too."""
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))
+    args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), *FULL_SMOKE]
+    env = {"MLFLOW_TRACKING_URI": auth_server["uri"], "MLFLOW_TRACKING_USERNAME": auth_server["user"],
+           "MLFLOW_TRACKING_PASSWORD": auth_server["password"], "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        first = subprocess.run([str(BIN / "vaegan"), *args], cwd=REPO, capture_output=True, text=True,
+                               env={**without_mlflow_settings(), **env}, timeout=900)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        yield {"run_dir": run_dir, "args": args, "env": env, "ray_tmp": ray_tmp, "first": first,
+               "summary": json.loads((run_dir / "summary.json").read_text())}
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

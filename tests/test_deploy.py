@@ -126,34 +126,30 @@ def vaegan(tmp_path: Path, tracking_uri: str, *args: str) -> subprocess.Complete
 def test_pull_verbs_from_a_fresh_process(smoke_job, mlflow_server, tmp_path):
     assert smoke_job["proc"].returncode == 0
     uri = f"models:/{MODEL}@champion"
-    for seed in (0, 0, 1):
-        out = vaegan(tmp_path, mlflow_server, "sample", "--model", uri, "--num", "16", "--seed", str(seed),
-                     "--out", f"grid{seed}.png", "--npy", f"samples{seed}-{time.time_ns()}.npy")
+    test_split = next(smoke_job["run_dir"].glob("preprocess-*/split=test"))
+    # Side by side, two rounds (the second reads what the first wrote): each process is mostly its imports.
+    first_round = [("sample", "--model", uri, "--num", "16", "--seed", seed, "--out", f"grid{name}.png", "--npy",
+                    f"samples{name}.npy") for name, seed in (("0", "0"), ("0again", "0"), ("1", "1"))]
+    first_round.append(("encode", "--model", uri, "--input", str(test_split), "--limit", "40", "--out", "latents.npy"))
+    for out in side_by_side(tmp_path, mlflow_server, first_round):
         assert out.returncode == 0, out.stderr
-    arrays = sorted(tmp_path.glob("samples*.npy"))
-    first, again, other = (np.load(p) for p in arrays)
+    first, again, other = (np.load(tmp_path / f"samples{name}.npy") for name in ("0", "0again", "1"))
     assert first.shape == (16, 1, 28, 28) and first.dtype == np.float32 and 0 <= first.min() <= first.max() <= 1
     assert np.array_equal(first, again) and not np.array_equal(first, other), "the seed fixes the samples"
     with Image.open(tmp_path / "grid0.png") as grid:
         assert grid.size == (2 + 8 * 30, 2 + 2 * 30), "8 columns x 2 rows of 28 px with 2 px padding"
-
-    test_split = next(smoke_job["run_dir"].glob("preprocess-*/split=test"))
-    out = vaegan(tmp_path, mlflow_server, "encode", "--model", uri, "--input", str(test_split), "--limit", "40",
-                 "--out", "latents.npy")
-    assert out.returncode == 0, out.stderr
     assert np.load(tmp_path / "latents.npy").shape == (40, 16)
-
-    out = vaegan(tmp_path, mlflow_server, "reconstruct", "--model", uri, "--input", str(arrays[0]),
-                 "--out", "recon.png", "--npy", "recon.npy")
-    assert out.returncode == 0, out.stderr
-    recon = np.load(tmp_path / "recon.npy")
-    assert recon.shape == first.shape and np.abs(recon - first).mean() < 0.25
 
     torchvision.utils.save_image(torch.from_numpy(first[0]), tmp_path / "a.png")
     torchvision.utils.save_image(torch.from_numpy(first[1]), tmp_path / "b.png")
-    out = vaegan(tmp_path, mlflow_server, "interpolate", "--model", uri, "--input", "a.png", "--input", "b.png",
-                 "--steps", "6", "--out", "strip.png")
-    assert out.returncode == 0, out.stderr
+    second_round = [("reconstruct", "--model", uri, "--input", "samples0.npy", "--out", "recon.png", "--npy",
+                     "recon.npy"),
+                    ("interpolate", "--model", uri, "--input", "a.png", "--input", "b.png", "--steps", "6", "--out",
+                     "strip.png")]
+    for out in side_by_side(tmp_path, mlflow_server, second_round):
+        assert out.returncode == 0, out.stderr
+    recon = np.load(tmp_path / "recon.npy")
+    assert recon.shape == first.shape and np.abs(recon - first).mean() < 0.25
     with Image.open(tmp_path / "strip.png") as strip:
         assert strip.size == (2 + 6 * 30, 32)
 
@@ -167,6 +163,11 @@ def test_pull_verbs_from_a_fresh_process(smoke_job, mlflow_server, tmp_path):
     assert out.stdout.strip() == "(16, 1, 28, 28) True True"
 
 
+def side_by_side(tmp_path: Path, tracking_uri: str, commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: vaegan(tmp_path, tracking_uri, *args), commands))
+
+
 def test_pull_errors_name_what_is_wrong(smoke_job, mlflow_server, tmp_path):
     cases = [
         (("sample", "--model", "models:/no-such-model@champion", "--out", "x.png"), "no-such-model"),
@@ -174,8 +175,7 @@ def test_pull_errors_name_what_is_wrong(smoke_job, mlflow_server, tmp_path):
         (("encode", "--model", f"models:/{MODEL}@champion", "--input", "missing.png", "--out", "z.npy"),
          "missing.png"),
     ]
-    for args, named in cases:
-        out = vaegan(tmp_path, mlflow_server, *args)
+    for (_, named), out in zip(cases, side_by_side(tmp_path, mlflow_server, [args for args, _ in cases])):
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith("error: ") and named in out.stderr and "Traceback" not in out.stderr
 

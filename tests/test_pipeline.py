@@ -1,4 +1,4 @@
-"""The smoke DAG end to end against a real local Ray and a real `mlflow server` on 127.0.0.1."""
+"""The smoke DAG end to end against a real local Ray and a real `mlflow server` (basic auth) on 127.0.0.1."""
 from __future__ import annotations
 
 import json
@@ -8,32 +8,20 @@ import sys
 import textwrap
 
 import pytest
-from conftest import run_cli
+from conftest import FULL_SMOKE, as_user, run_cli
 
 SUMMARY_KEYS = {"tracking_uri", "model_uri", "model_name", "model_version", "alias_moved", "image_shape",
                 "metrics", "feature_net", "data_fingerprint", "steps"}
 METRIC_KEYS = {"fid", "kid", "precision", "recall", "recon_mse", "elbo", "iwae_nll", "active_units"}
 STEPS = ["preprocess", "tune", "train", "evaluate", "register"]
-# smoke.yaml runs one trial and no VAE baseline; this module's run asks for both, to check the tune table and
-# the baseline's MLflow run (the only Ray run of the suite that pays for them). loss.gamma is given, so the
-# sweep must leave it alone.
-FULL_SMOKE = ("--set", "tune.num_samples=2", "--set", "eval.baseline_vae=true", "--set", "loss.gamma=2.0")
+# The run itself is conftest's smoke_run (FULL_SMOKE: 2 trials, the VAE baseline, loss.gamma given), made against
+# the basic-auth server as its non-admin user, which test_security shares.
 
 
-@pytest.fixture(scope="module")
-def smoke_run(mlflow_server, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke-run")
-    args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), *FULL_SMOKE]
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
-    first = run_cli(*args, env=env)
-    assert first.returncode == 0, first.stderr[-4000:]
-    return run_dir, args, env, json.loads((run_dir / "summary.json").read_text()), first
-
-
-def test_summary_contract(smoke_run, mlflow_server):
-    run_dir, _, _, summary, first = smoke_run
+def test_summary_contract(smoke_run, auth_server):
+    run_dir, summary, first = smoke_run["run_dir"], smoke_run["summary"], smoke_run["first"]
     assert SUMMARY_KEYS <= summary.keys()
-    assert summary["tracking_uri"] == mlflow_server
+    assert summary["tracking_uri"] == auth_server["uri"]
     assert summary["model_uri"] == "models:/vaegan-smoke@champion" and summary["alias_moved"] is True
     assert summary["model_name"] == "vaegan-smoke" and summary["model_version"] == 1
     assert summary["image_shape"] == [1, 28, 28]
@@ -59,24 +47,22 @@ def test_summary_contract(smoke_run, mlflow_server):
     assert not list(run_dir.glob(".*.tmp-*")), "no half-written step folder may remain"
 
 
-def test_mlflow_holds_parent_and_child_runs(smoke_run, mlflow_server):
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("vaegan")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "pipeline-smoke"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    names = sorted(r.info.run_name.split("-")[0] for r in children)
-    assert names == ["baseline", "train", "trial", "trial"]  # FULL_SMOKE asks for the VAE baseline too
-    train_run = next(r for r in children if r.info.run_name.startswith("train-"))
-    assert "val/fid" in train_run.data.metrics and "loss/enc/kl" in train_run.data.metrics
-    assert train_run.data.params["model.kind"] == "vaegan"
-    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
-    assert {"samples.png", "reconstructions.png", "epoch_001"} <= artifacts
-    assert "test/fid" in parents[0].data.metrics
-    assert all(r.info.status == "FINISHED" for r in children), "trials Tune tore down are closed too"
-    tune_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "tune")}
+def test_mlflow_holds_parent_and_child_runs(smoke_run, auth_server):
+    with as_user(auth_server) as client:
+        runs = client.search_runs([client.get_experiment_by_name("vaegan").experiment_id])
+        # The first pipeline run of the experiment is the fixture's (the tests' reruns come after it).
+        parent = min((r for r in runs if r.info.run_name == "pipeline-smoke"), key=lambda r: r.info.start_time)
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        names = sorted(r.info.run_name.split("-")[0] for r in children)
+        assert names == ["baseline", "train", "trial", "trial"]  # FULL_SMOKE asks for the VAE baseline too
+        train_run = next(r for r in children if r.info.run_name.startswith("train-"))
+        assert "val/fid" in train_run.data.metrics and "loss/enc/kl" in train_run.data.metrics
+        assert train_run.data.params["model.kind"] == "vaegan"
+        artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+        assert {"samples.png", "reconstructions.png", "epoch_001"} <= artifacts
+        assert "test/fid" in parent.data.metrics
+        assert all(r.info.status == "FINISHED" for r in children), "trials Tune tore down are closed too"
+        tune_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert {"tune/trials.csv", "tune/trials.md", "tune/trials.png"} <= tune_artifacts
 
 
@@ -99,9 +85,10 @@ LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, mlflow_server, tmp_path):
-    _, _, _, summary, _ = smoke_run
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server,
+def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, auth_server, tmp_path):
+    summary = smoke_run["summary"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": auth_server["uri"],
+           "MLFLOW_TRACKING_USERNAME": auth_server["user"], "MLFLOW_TRACKING_PASSWORD": auth_server["password"],
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, summary["model_uri"]], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -115,8 +102,8 @@ def test_registered_model_serves_all_modes_in_a_fresh_process(smoke_run, mlflow_
     assert 0 <= out["reconstruct"][2] and out["reconstruct"][3] <= 1
 
 
-def test_sweep_verb_writes_the_report(smoke_run, mlflow_server):
-    run_dir, _, env, summary, _ = smoke_run
+def test_sweep_verb_writes_the_report(smoke_run):
+    run_dir, env, summary = smoke_run["run_dir"], smoke_run["env"], smoke_run["summary"]
     done = run_cli("sweep", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), *FULL_SMOKE,
                    env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,9 +116,8 @@ def test_sweep_verb_writes_the_report(smoke_run, mlflow_server):
     assert (tune_dir / "trials.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_evaluate_verb_scores_the_registered_model_like_the_pipeline(smoke_run, mlflow_server, tmp_path):
-    from mlflow.tracking import MlflowClient
-    run_dir, _, env, summary, _ = smoke_run
+def test_evaluate_verb_scores_the_registered_model_like_the_pipeline(smoke_run, auth_server, tmp_path):
+    run_dir, env, summary = smoke_run["run_dir"], smoke_run["env"], smoke_run["summary"]
     out = tmp_path / "evaluation"
     done = run_cli("evaluate", "--model", "models:/vaegan-smoke@champion", "--data", str(run_dir), "--n", "128",
                    "--out", str(out), "--log", env=env)
@@ -144,20 +130,22 @@ def test_evaluate_verb_scores_the_registered_model_like_the_pipeline(smoke_run, 
         assert report["metrics"][key] == pytest.approx(summary["metrics"][key], rel=1e-5, abs=1e-6), key
     for png in ("samples.png", "reconstructions.png", "interpolation.png", "loss_curves.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and png in report["pngs"]
-    client = MlflowClient(mlflow_server)
-    logged = {a.path for a in client.list_artifacts(report["logged_to_run"], "evaluate-test")}
+    with as_user(auth_server) as client:
+        logged = {a.path for a in client.list_artifacts(report["logged_to_run"], "evaluate-test")}
+        assert "evaluate-test/fid" in client.get_run(report["logged_to_run"]).data.metrics
     assert {"evaluate-test/metrics.json", "evaluate-test/loss_curves.png"} <= logged
-    assert "evaluate-test/fid" in client.get_run(report["logged_to_run"]).data.metrics
 
 
-def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, mlflow_server):
-    run_dir, args, env, summary, _ = smoke_run
+def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, auth_server):
+    run_dir, args, env, summary = smoke_run["run_dir"], smoke_run["args"], smoke_run["env"], smoke_run["summary"]
     again = run_cli(*args, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     cached = json.loads((run_dir / "summary.json").read_text())
     assert all(cached["steps"][s]["status"] == "cached" for s in STEPS)
     assert cached["model_version"] == summary["model_version"]
 
+    with as_user(auth_server) as client:
+        latest = max(int(v.version) for v in client.search_model_versions("name = 'vaegan-smoke'"))
     forced = run_cli(*args, "--force", "evaluate", env=env)
     assert forced.returncode == 0, forced.stderr[-3000:]
     result = json.loads((run_dir / "summary.json").read_text())
@@ -165,6 +153,6 @@ def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, mlflow_server):
     assert statuses == {"preprocess": "cached", "tune": "cached", "train": "cached",
                         "evaluate": "ran", "register": "ran"}
     # The same checkpoint scored again does not beat itself: a new version, the alias stays.
-    assert result["model_version"] == summary["model_version"] + 1
+    assert result["model_version"] == latest + 1
     assert result["alias_moved"] is False
     assert result["model_uri"] == f"models:/vaegan-smoke/{result['model_version']}"

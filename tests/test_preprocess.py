@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
+from ray.data.dataset import MaterializedDataset
 
 from pipelines import shards
 from pipelines.config import DataConfig
@@ -88,3 +89,36 @@ def test_split_is_a_deterministic_hash_of_the_row_key():
     assert not np.array_equal(split, other_seed)
     fixed = shards._split_of(keys[:10], np.array([True] * 5 + [False] * 5), cfg)
     assert (fixed[:5] == "test").all() and "test" not in fixed[5:]  # a source's own test file is kept
+
+
+@pytest.mark.parametrize("limit", [0, 9])
+def test_the_train_split_is_the_same_rows_held_in_memory_streamed_or_materialized(tmp_path, monkeypatch, limit):
+    """pipelines.training.train_dataset's three ways to the Train workers: a small split read once into the
+    object store; a large one streamed from Parquet; a large one read up front when the workers hold every CPU."""
+    from pipelines import training
+    from pipelines.config import load_config
+    from vaegan.imagerows import decode_rows, encode_rows
+    images = np.random.default_rng(0).integers(0, 256, (12, 1, 4, 4), dtype=np.uint8)
+    split = tmp_path / "split=train"
+    split.mkdir()
+    for i, part in enumerate((images[:7], images[7:])):
+        pq.write_table(pa.table({"image": encode_rows(part)}), split / f"part-{i}.parquet")
+    cfg = load_config("pipelines/configs/smoke.yaml")  # 1 worker of 1 CPU: this Ray's other CPU is free
+    hogging = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=2))
+
+    def rows(dataset) -> np.ndarray:
+        return decode_rows([row["image"] for row in dataset.take_all()], (1, 4, 4))
+
+    held = training.train_dataset(cfg, split, [1, 4, 4], limit)
+    monkeypatch.setattr(training, "IN_MEMORY_SPLIT_BYTES", 0)
+    streamed = training.train_dataset(cfg, split, [1, 4, 4], limit)
+    materialized = training.train_dataset(hogging, split, [1, 4, 4], limit)
+    assert [type(d) for d in (held, streamed, materialized)] == [MaterializedDataset, ray.data.Dataset,
+                                                                 MaterializedDataset]
+    # Held rows keep the files' order, so a limit takes the first rows; Ray Data's streamed blocks arrive in
+    # no fixed order (preserve_order is off), so there a limit takes as many rows, from any file.
+    assert np.array_equal(rows(held), images[:limit or len(images)])
+    every = {image.tobytes() for image in images}
+    for dataset in (streamed, materialized):
+        got = [image.tobytes() for image in rows(dataset)]
+        assert len(got) == len(set(got)) == (limit or len(images)) and set(got) <= every

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import extract_archive
-from torchvision.transforms.v2 import functional as TF
 
 from .errors import UserError
+
+# torchvision is imported inside the functions that use it: importing it costs 3.5 s on a 2-core box (its
+# package imports torch._dynamo), and every Ray worker that trains imports this module for ``to_float``.
 
 DEFAULT_IDX_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
@@ -115,6 +114,7 @@ def find_idx_dir(
     # torchvision passes no timeout to urlopen, whose sockets then take the process's default one.
     socket.setdefaulttimeout(download_timeout_s)
     try:
+        import torchvision
         torchvision.datasets.FashionMNIST(str(Path(data_dir).expanduser()), train=True, download=True)
     except Exception as exc:  # offline: RuntimeError wrapping URLError; silent: TimeoutError; disk full: OSError
         raise DatasetNotFoundError(
@@ -148,6 +148,7 @@ def _decompressed(path: Path, cache_dir: Path | None, scratch: Path) -> Path:
         target_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".extract-") as tmp:
         try:
+            from torchvision.datasets.utils import extract_archive
             extracted = Path(extract_archive(path, tmp))
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise DatasetError(
@@ -187,6 +188,7 @@ def _check_header(path: Path, shown: Path, magic: int, what: str) -> int:
 
 
 def _read(shown: Path, raw: Path, what: str) -> torch.Tensor:
+    from torchvision.datasets.mnist import read_image_file, read_label_file
     reader = read_image_file if what == "images" else read_label_file
     try:
         return reader(str(raw))
@@ -309,6 +311,7 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
         raise ValueError(f"resize_images expects (N, C, H, W), got shape {tuple(images.shape)}")
     if images.shape[-2:] == (size, size):
         return images
+    from torchvision.transforms.v2 import functional as TF
     return TF.resize(images, [size, size], antialias=True)
 
 
@@ -321,5 +324,6 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if have == 1 and channels == 3:
         return images.repeat(1, 3, 1, 1)  # a real copy, not torchvision's stride-0 expand
     if have == 3 and channels == 1:
+        from torchvision.transforms.v2 import functional as TF
         return TF.rgb_to_grayscale(images, num_output_channels=1)
     raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
