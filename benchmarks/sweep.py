@@ -13,7 +13,7 @@ validation domain FID (``val/fid``) a trial last reported (Tune's best result, a
 
 Run from the repository root, under the shared Ray lock:
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 4 points x 4 epochs, ~7 min
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 2 points
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_args():
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--keys", default=None, help="comma-separated section.name keys of the grid (default the first "
                                                 "two of tune.space.GRID_KEYS[model.kind]; --quick: opt_dec.lr)")
-    p.add_argument("--points", type=int, default=2, help="values per key")
+    p.add_argument("--points", type=int, default=None, help="values per key (default 2; --quick 1: a check of the layout)")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of a completed trial (default 4; --quick 2)")
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--reduction-factor", type=int, default=2)
@@ -46,6 +46,7 @@ def parse_args():
     args = p.parse_args()
     args.config = args.config or f"pipelines/configs/{'smoke' if args.quick else 'default'}.yaml"
     args.keys = tuple(args.keys.split(",")) if args.keys else (("opt_dec.lr",) if args.quick else None)
+    args.points = args.points or (1 if args.quick else 2)
     args.max_epochs = args.max_epochs or (2 if args.quick else 4)
     args.train_limit = args.train_limit or (256 if args.quick else 960)
     args.val_images = args.val_images or (64 if args.quick else 256)

@@ -93,6 +93,29 @@ def publish(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
+def cached_result(name: str, key: str, final: Path) -> StepResult | None:
+    """The step's result from its complete folder ``final``, or None when it has none."""
+    if not final.is_dir():
+        return None
+    return StepResult(name, key, "cached", 0.0, read_outputs(step_module(name).Outputs, final))
+
+
+def all_cached(cfg: PipelineConfig, ctx: RunContext, selected: list[str],
+               forced: set[str]) -> dict[str, StepResult] | None:
+    """Every step up to the last selected one, when each is complete in the run folder and none is forced;
+    else None. A rerun that changes nothing then needs no Ray at all: the driver reads the folders itself."""
+    if forced:
+        return None
+    results: dict[str, StepResult] = {}
+    for name in STEPS[: max(STEPS.index(s) for s in selected) + 1]:
+        key = step_key(name, cfg, ctx, {up: results[up] for up in upstream_of(name)})
+        cached = cached_result(name, key, Path(ctx.run_dir) / f"{name}-{key}")
+        if cached is None:
+            return None
+        results[name] = cached
+    return results
+
+
 @ray.remote(num_cpus=0)  # orchestration only: the Data/Train/Tune work a step launches holds the CPUs
 def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: bool, force: bool,
                  *upstream: dict[str, StepResult]) -> dict[str, StepResult]:
@@ -103,8 +126,9 @@ def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: b
     ups = {n: results[n] for n in upstream_of(name)}
     key = step_key(name, cfg, ctx, ups)
     final = Path(ctx.run_dir) / f"{name}-{key}"
-    if final.is_dir() and not force:
-        results[name] = StepResult(name, key, "cached", 0.0, read_outputs(step.Outputs, final))
+    cached = None if force else cached_result(name, key, final)
+    if cached is not None:
+        results[name] = cached
         return results
     if not run_it:
         raise ConfigError(f"step '{name}' has no complete outputs for this config in {ctx.run_dir}; "

@@ -92,17 +92,22 @@ def run_locked(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: set[
     if cfg.register.tracking_uri:  # it goes into the run's params: without the credentials it may have held
         cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, tracking_uri=uri))
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute
-    connect_ray(cfg)
     folder = str(run_dir.resolve())
+    ctx = RunContext(run_dir=folder, tracking_uri=uri, experiment_id=experiment_id, parent_run_id="")
+    cached = dag.all_cached(cfg, ctx, steps, force)
+    if cached is None:
+        connect_ray(cfg)
+    else:
+        print("[dag] every step is complete in the run folder: nothing to run, so no Ray is started", flush=True)
     orphans = tracking.close_left_running(uri, experiment_id, folder)
     if orphans:
         print(f"[mlflow] marked KILLED {len(orphans)} runs an interrupted driver left RUNNING: {', '.join(orphans)}",
               flush=True)
     parent = tracking.start_run(uri, experiment_id, f"pipeline-{cfg.name}", params=flatten(dataclasses.asdict(cfg)),
                                 run_dir=folder)
-    ctx = RunContext(run_dir=folder, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
+    ctx = dataclasses.replace(ctx, parent_run_id=parent)
     try:
-        results = dag.execute(cfg, ctx, steps, force)
+        results = cached if cached is not None else dag.execute(cfg, ctx, steps, force)
     except BaseException:
         tracking.end_run_if_reachable(uri, parent, "FAILED")
         raise

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -19,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vaegan.guard import NonFiniteLossError
+from vaegan.imagerows import read_split
 from vaegan.inference import GenerativeModel
 from vaegan.metrics import posterior_means
 from vaegan.prior import fit_gaussian_mixture
@@ -57,14 +59,15 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
         storage: Path, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
         callbacks: list | None = None) -> TrainOutcome:
     """One Ray Train run; rerunning with the same ``name`` and ``storage`` resumes from its latest checkpoint."""
-    dataset = train_dataset(cfg, data_dir / "split=train", image_shape, train_limit)
+    held = held_train_split(data_dir / "split=train", image_shape, train_limit)
     ledger = ledger_path(storage, name)
     job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
                    featnet_path=str(featnet_path), ledger_path=str(ledger), tracking_uri=tracking_uri,
-                   mlflow_run_id=mlflow_run_id, mlflow_spool=str(storage / f"{name}.mlflow-unsent"))
+                   mlflow_run_id=mlflow_run_id, mlflow_spool=str(storage / f"{name}.mlflow-unsent"),
+                   images=None if held is None else ray.put(held))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(job),
+        train_loop_config=vars(job),  # not asdict(), which deep-copies: the ObjectRef must travel as itself
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
@@ -72,7 +75,7 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets={"train": dataset},
+        datasets=None if held is not None else {"train": streamed_train_split(cfg, data_dir / "split=train", train_limit)},
     )
     result = trainer.fit()
     record = read_ledger(ledger)
@@ -84,19 +87,23 @@ def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_pat
                         faults={k: record[k] for k in ("restarts", "steps_redone", "recovery_seconds") if k in record})
 
 
-def train_dataset(cfg: PipelineConfig, split_dir: Path, image_shape: list[int], train_limit: int = 0) -> ray.data.Dataset:
-    """The train split as the Train workers' Ray Dataset: held in the object store when it is small, so that
-    an epoch replays blocks in memory instead of re-reading Parquet through Ray Data's read tasks (on 2 cores
-    that re-read cost a 1,061-image epoch 6 of its 10 seconds); streamed from Parquet when it is large."""
-    files = sorted(str(f) for f in split_dir.glob("*.parquet"))
+def held_train_split(split_dir: Path, image_shape: list[int], train_limit: int = 0) -> np.ndarray | None:
+    """The train split's first ``train_limit`` rows (all when 0) as uint8 (N, C, H, W), when they fit in
+    IN_MEMORY_SPLIT_BYTES; else None. A held split goes to the object store once and each worker samples its
+    share of every epoch itself (``vaegan.loop.shard_order``): no Ray Data actors to start per run (8 of a
+    1-epoch smoke run's 30 seconds of Train start-up on 2 cores) and no Parquet to re-read each epoch."""
+    files = sorted(split_dir.glob("*.parquet"))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     rows = min(rows, train_limit) if train_limit else rows
-    if rows * math.prod(image_shape) <= IN_MEMORY_SPLIT_BYTES:
-        # Read here, in one process: Ray Data's read tasks would each start a worker process first (seconds
-        # apiece on a small machine) to read a few megabytes.
-        table = pq.read_table(files, columns=["image"])
-        return ray.data.from_arrow(table.slice(0, rows))
-    dataset = ray.data.read_parquet(str(split_dir), columns=["image"])
+    if rows * math.prod(image_shape) > IN_MEMORY_SPLIT_BYTES:
+        return None
+    return read_split(split_dir, image_shape, limit=rows)[0]
+
+
+def streamed_train_split(cfg: PipelineConfig, split_dir: Path, train_limit: int = 0) -> ray.data.Dataset:
+    """A large train split as a Ray Dataset streamed from Parquet, its rows in no fixed order (a limit takes as
+    many rows, from any file); each worker iterates its ``get_dataset_shard``."""
+    dataset = ray.data.read_parquet(str(split_dir)).select_columns(["image"])  # projected into the read
     if train_limit:
         dataset = dataset.limit(train_limit)
     if cfg.train.num_workers * cfg.train.cpus_per_worker >= ray.cluster_resources().get("CPU", 0) \

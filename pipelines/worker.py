@@ -1,14 +1,17 @@
 """The Ray Train worker: one DDP rank of a training run (``train_loop_per_worker``).
 
-Each rank builds the nets from the config, wraps each network in its own DDP, streams its shard of
-the train split, and reports once per epoch; world rank 0 alone writes the checkpoint, the ledger
-(``faults.py``) and the MLflow record (``tracking.BufferedRunLogger``).
+Each rank builds the nets from the config, wraps each network in its own DDP, trains on its share of
+the train split (held in the object store, or streamed by Ray Data when large), and reports once per
+epoch; world rank 0 alone writes the checkpoint, the ledger (``faults.py``) and the MLflow record
+(``tracking.BufferedRunLogger``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import tempfile
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from vaegan.featnet import load_feature_net
 from vaegan.guard import NonFiniteLossError
 from vaegan.imagerows import decode_rows_float, read_split
 from vaegan.inference import GenerativeModel
-from vaegan.loop import epoch_log_line, train_epoch
+from vaegan.loop import epoch_log_line, shard_order, tensor_batches, train_epoch
 from vaegan.nets import build_nets
 from vaegan.step import VAEGANTrainer
 
@@ -51,6 +54,7 @@ class TrainJob:
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     mlflow_spool: str = ""  # where rank 0 keeps what an MLflow outage holds back (BufferedRunLogger)
+    images: Any = None  # an ObjectRef to the held train split (uint8 N, C, H, W); None: Ray Data's "train" shard
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -76,17 +80,12 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         ledger.end_epoch(trainer.step, logger.unsent())
         report(trainer, history[-1], history, start_epoch - 1, rank, checkpoint_now=True)
         return
-    shard = ray.train.get_dataset_shard("train")  # [1] this worker's stream of the train split
+    batches = TrainBatches(job, cfg, rank, world, device)  # [1] this worker's share of the train split
     best = min((h[SCORE] for h in history), default=float("inf"))
     stale = 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
-        # and become float tensors here.
-        batches = (decode_rows_float(b["image"], job.image_shape, device)
-                   for b in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                               drop_last=True))
         try:
-            summary = train_epoch(trainer, batches, after_step=ledger.record)
+            summary = train_epoch(trainer, batches.epoch(epoch), after_step=ledger.record)
         except NonFiniteLossError as err:
             # Deterministic (every rank sees the same all-reduced norms, and a restart from the checkpoint
             # would diverge the same way): end the run without a FailureConfig retry; the driver raises it.
@@ -117,6 +116,35 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"[train] early stop at epoch {epoch}: {SCORE} did not improve for {stale} epochs", flush=True)
             break
+
+
+class TrainBatches:
+    """This rank's float batches of each epoch: from the held split (``TrainJob.images``), shuffled per epoch
+    alike on every rank, each rank its own equal share; else from Ray Data's shard of the streamed split."""
+
+    def __init__(self, job: TrainJob, cfg: PipelineConfig, rank: int, world: int, device: torch.device):
+        self.batch_size, self.seed, self.rank, self.world, self.device = (cfg.train.batch_size, cfg.train.seed, rank,
+                                                                          world, device)
+        self.image_shape = job.image_shape
+        self.images = None if job.images is None else held_images(job.images)
+        self.shard = ray.train.get_dataset_shard("train") if job.images is None else None
+
+    def epoch(self, epoch: int) -> Iterable[torch.Tensor]:
+        if self.images is not None:
+            order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world)
+            return tensor_batches(self.images, self.batch_size, order, self.device)
+        # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
+        # and become float tensors here.
+        return (decode_rows_float(b["image"], self.image_shape, self.device)
+                for b in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
+
+
+def held_images(ref: ray.ObjectRef) -> torch.Tensor:
+    """The held split as a uint8 tensor over the object store's read-only memory, shared by the node's workers
+    rather than copied into each: batches are gathered copies, so nothing ever writes to it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(ray.get(ref))
 
 
 def ddp(module: torch.nn.Module | None, device: torch.device) -> torch.nn.Module | None:

@@ -82,6 +82,15 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in (run_dir / "ray").glob("train-*/checkpoint_*") if p.is_dir())
 
 
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints Ray Train's controller has recorded (its snapshot in the run's storage), which a rerun
+    resumes from; a checkpoint folder appears before that record, and a kill between the two loses it."""
+    snapshots = list((run_dir / "ray").glob("train-*/checkpoint_manager_snapshot.json"))
+    with contextlib.suppress(IndexError, OSError, ValueError):  # not there yet, or being rewritten
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshots[0].read_text())["checkpoint_results"]]
+    return []
+
+
 @pytest.fixture(scope="module")
 def attempts(tmp_path_factory, mlflow_server):
     run_dir = tmp_path_factory.mktemp("faults") / "run"
@@ -94,8 +103,8 @@ def attempts(tmp_path_factory, mlflow_server):
     after_first = sorted(p.name for p in run_dir.iterdir())
 
     second = start(run_dir, env)
-    wait_for(lambda: checkpoints(run_dir), second)
-    # Ray may still be copying the checkpoint's files, so the step count at that moment comes from the ledger.
+    wait_for(lambda: registered_checkpoints(run_dir), second)
+    # The step count at that moment comes from the ledger: the worker has trained on since it reported.
     at_checkpoint = progress(run_dir)["step"]
     wait_for(lambda: progress(run_dir)["step"] >= at_checkpoint + 3, second)
     killed_at_step = progress(run_dir)["step"]

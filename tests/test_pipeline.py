@@ -143,6 +143,9 @@ def test_rerun_is_cached_and_force_reruns_downstream(smoke_run, auth_server):
     cached = json.loads((run_dir / "summary.json").read_text())
     assert all(cached["steps"][s]["status"] == "cached" for s in STEPS)
     assert cached["model_version"] == summary["model_version"]
+    # Nothing to run, so the driver read the step folders itself and started no Ray.
+    assert "nothing to run, so no Ray is started" in again.stdout
+    assert "Started a local Ray instance" not in again.stdout + again.stderr
 
     with as_user(auth_server) as client:
         latest = max(int(v.version) for v in client.search_model_versions("name = 'vaegan-smoke'"))

@@ -93,8 +93,8 @@ def test_split_is_a_deterministic_hash_of_the_row_key():
 
 @pytest.mark.parametrize("limit", [0, 9])
 def test_the_train_split_is_the_same_rows_held_in_memory_streamed_or_materialized(tmp_path, monkeypatch, limit):
-    """pipelines.training.train_dataset's three ways to the Train workers: a small split read once into the
-    object store; a large one streamed from Parquet; a large one read up front when the workers hold every CPU."""
+    """pipelines.training's three ways to the Train workers: a small split held as one array (for the object
+    store); a large one streamed from Parquet; a large one read up front when the workers hold every CPU."""
     from pipelines import training
     from pipelines.config import load_config
     from vaegan.imagerows import decode_rows, encode_rows
@@ -102,22 +102,23 @@ def test_the_train_split_is_the_same_rows_held_in_memory_streamed_or_materialize
     split = tmp_path / "split=train"
     split.mkdir()
     for i, part in enumerate((images[:7], images[7:])):
-        pq.write_table(pa.table({"image": encode_rows(part)}), split / f"part-{i}.parquet")
+        pq.write_table(pa.table({"image": encode_rows(part), "label": np.zeros(len(part), np.int64)}),
+                       split / f"part-{i}.parquet")
     cfg = load_config("pipelines/configs/smoke.yaml")  # 1 worker of 1 CPU: this Ray's other CPU is free
     hogging = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=2))
 
     def rows(dataset) -> np.ndarray:
         return decode_rows([row["image"] for row in dataset.take_all()], (1, 4, 4))
 
-    held = training.train_dataset(cfg, split, [1, 4, 4], limit)
-    monkeypatch.setattr(training, "IN_MEMORY_SPLIT_BYTES", 0)
-    streamed = training.train_dataset(cfg, split, [1, 4, 4], limit)
-    materialized = training.train_dataset(hogging, split, [1, 4, 4], limit)
-    assert [type(d) for d in (held, streamed, materialized)] == [MaterializedDataset, ray.data.Dataset,
-                                                                 MaterializedDataset]
-    # Held rows keep the files' order, so a limit takes the first rows; Ray Data's streamed blocks arrive in
-    # no fixed order (preserve_order is off), so there a limit takes as many rows, from any file.
-    assert np.array_equal(rows(held), images[:limit or len(images)])
+    # Held rows keep the files' order, so a limit takes the first rows.
+    assert np.array_equal(training.held_train_split(split, [1, 4, 4], limit), images[:limit or len(images)])
+    monkeypatch.setattr(training, "IN_MEMORY_SPLIT_BYTES", (limit or len(images)) * 16 - 1)  # a byte too small
+    assert training.held_train_split(split, [1, 4, 4], limit) is None
+    streamed = training.streamed_train_split(cfg, split, limit)
+    materialized = training.streamed_train_split(hogging, split, limit)
+    assert [type(d) for d in (streamed, materialized)] == [ray.data.Dataset, MaterializedDataset]
+    # Ray Data's streamed blocks arrive in no fixed order (preserve_order is off): a limit takes as many rows,
+    # from any file.
     every = {image.tobytes() for image in images}
     for dataset in (streamed, materialized):
         got = [image.tobytes() for image in rows(dataset)]

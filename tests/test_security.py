@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,17 +19,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, FULL_SMOKE, REPO, api, as_user, without_mlflow_settings
+from conftest import api, as_user, full_smoke
 
 EXPERIMENT, MODEL = "vaegan", "vaegan-smoke"
-RUN_ARGS = ("run", "--config", "pipelines/configs/smoke.yaml", *FULL_SMOKE)
-
-
-def vaegan_run(run_dir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
-    """``vaegan run`` of the smoke run's config with only the MLflow settings given here (none inherited)."""
-    return subprocess.run([str(BIN / "vaegan"), *RUN_ARGS, "--run-dir", str(run_dir), *extra], cwd=REPO,
-                          capture_output=True, text=True, env={**without_mlflow_settings(), **env}, timeout=600,
-                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +30,7 @@ def secured_runs(auth_server, smoke_run):
     but register cached) with the password inside ``register.tracking_uri`` instead."""
     uri, user, password = auth_server["uri"], auth_server["user"], auth_server["password"]
     embedded = uri.replace("http://", f"http://{user}:{password}@")
-    from_uri = vaegan_run(smoke_run["run_dir"], {"RAY_TMPDIR": str(smoke_run["ray_tmp"])},
+    from_uri = full_smoke(smoke_run["run_dir"], {"RAY_TMPDIR": str(smoke_run["ray_tmp"])},
                           "--set", f"register.tracking_uri={embedded}")
     assert from_uri.returncode == 0, from_uri.stdout[-3000:] + from_uri.stderr[-3000:]
     return {"run_dir": smoke_run["run_dir"], "ray_tmp": smoke_run["ray_tmp"], "procs": [smoke_run["first"], from_uri],
@@ -80,7 +71,7 @@ def test_wrong_or_missing_credentials_stop_the_run_before_any_compute(auth_serve
              ({}, "it needs credentials and none were given")]
     run_dirs = [tmp_path / f"run-{i}" for i in range(len(cases))]
     with ThreadPoolExecutor() as pool:  # side by side: each is mostly the CLI's imports
-        outs = list(pool.map(lambda case, run_dir: vaegan_run(run_dir, {"MLFLOW_TRACKING_URI": uri, **case[0]}),
+        outs = list(pool.map(lambda case, run_dir: full_smoke(run_dir, {"MLFLOW_TRACKING_URI": uri, **case[0]}),
                              cases, run_dirs))
     for (_, reason), run_dir, out in zip(cases, run_dirs, outs):
         assert out.returncode == 2, out.stderr[-3000:]

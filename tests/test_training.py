@@ -46,3 +46,17 @@ def test_short_run_on_fashion_mnist_learns():
     assert iwae >= elbo
     assert metrics.active_units(model.enc, held_out) > 0
     assert metrics.reconstruction_mse(model.enc, model.dec, held_out) < 0.1
+
+
+def test_each_rank_gets_an_equal_disjoint_share_reshuffled_every_epoch():
+    """vaegan.loop.shard_order, what Ray Train workers sample a held split with: DDP needs the same number of
+    steps on every rank, and a resumed run must replay the epoch's order."""
+    from vaegan.loop import shard_order
+    shares = [shard_order(1061, seed=3, epoch=2, rank=rank, world=2) for rank in range(2)]
+    assert [len(s) for s in shares] == [530, 530]
+    assert not set(shares[0].tolist()) & set(shares[1].tolist())
+    assert set(torch.cat(shares).tolist()) <= set(range(1061))
+    assert torch.equal(shard_order(1061, seed=3, epoch=2, rank=1, world=2), shares[1])  # replayable
+    one = shard_order(1061, seed=3, epoch=2)
+    assert sorted(one.tolist()) == list(range(1061))  # one rank: every row once
+    assert not torch.equal(shard_order(1061, seed=3, epoch=3), one)  # a new order each epoch

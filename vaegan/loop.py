@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.utils.data.distributed import DistributedSampler
 
 from .step import VAEGANTrainer
 
@@ -63,12 +64,21 @@ def epoch_log_line(epoch: int, summary: dict[str, float], extra: dict[str, float
     return " ".join(parts)
 
 
-def tensor_batches(images: torch.Tensor, batch_size: int, generator: torch.Generator,
+def tensor_batches(images: torch.Tensor, batch_size: int, order: torch.Tensor,
                    device: torch.device) -> Iterable[torch.Tensor]:
-    """Shuffled float batches in [0, 1] from an in-memory uint8 (N, C, H, W) tensor; drops the last partial batch."""
-    order = torch.randperm(images.shape[0], generator=generator)
-    for start in range(0, images.shape[0] - batch_size + 1, batch_size):
+    """Float batches in [0, 1] of an in-memory uint8 (N, C, H, W) tensor, taking rows in ``order`` (indices);
+    drops the last partial batch."""
+    for start in range(0, len(order) - batch_size + 1, batch_size):
         yield images[order[start:start + batch_size]].to(device, torch.float32) / 255.0
+
+
+def shard_order(rows: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s rows of one epoch, shuffled: torch's DistributedSampler seeded by ``seed`` and ``epoch``,
+    so every rank (and a run resumed at this epoch) draws the same permutation, and each rank takes an equal
+    share of it (DDP needs the same number of steps on every rank)."""
+    sampler = DistributedSampler(range(rows), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
 
 
 def fit(trainer: VAEGANTrainer, images: torch.Tensor, epochs: int, batch_size: int, seed: int = 0,
@@ -78,7 +88,8 @@ def fit(trainer: VAEGANTrainer, images: torch.Tensor, epochs: int, batch_size: i
     generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
-        summary = train_epoch(trainer, tensor_batches(images, batch_size, generator, device))
+        order = torch.randperm(images.shape[0], generator=generator)
+        summary = train_epoch(trainer, tensor_batches(images, batch_size, order, device))
         log(epoch_log_line(epoch, summary))
         history.append(summary)
     return history

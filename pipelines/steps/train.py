@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import save_image
 
 from vaegan.checkpoint import CHECKPOINT_NAME
 from vaegan.config import from_dict
@@ -83,6 +82,9 @@ def write_grids(model: GenerativeModel, data: preprocess.Outputs, out: Path, see
                 split: str = "test", prior: str = "standard") -> list[Path]:
     """samples.png (from ``prior``), reconstructions.png and interpolation.png (a latent walk between two of
     the split's images); the split's first 32 images are the fixed set that gets reconstructed."""
+    # The driver imports this module to plan the DAG: torchvision (3.5 s with the torch._dynamo it pulls in)
+    # is imported by the one process that draws.
+    from torchvision.utils import save_image
     originals = data.images(split, limit=32)
     save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
     return [*save_grids(model, originals, out, seed, prior), out / "interpolation.png"]
