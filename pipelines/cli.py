@@ -264,6 +264,9 @@ def _interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    # With tqdm installed (Ray's progress bars need it) MLflow draws a bar on stderr for every model it
+    # downloads or uploads: noise around the pull verbs' one-line errors, for models of a few MB.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.verb not in ("run", "sweep"):  # the pipeline's own client bounds its retries; these call MLflow directly
             check_tracking_server(args.model)  # before seconds of importing torch and MLflow
