@@ -151,12 +151,16 @@ def without_mlflow_settings() -> dict[str, str]:
 FULL_SMOKE = ("--set", "tune.num_samples=2", "--set", "eval.baseline_vae=true", "--set", "loss.gamma=2.0")
 
 
+def full_smoke_args(run_dir: Path) -> list[str]:
+    """The CLI arguments of the suite's full smoke run into ``run_dir``."""
+    return ["run", "--config", "pipelines/configs/smoke.yaml", *FULL_SMOKE, "--run-dir", str(run_dir)]
+
+
 def full_smoke(run_dir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     """``vaegan run`` of smoke.yaml with FULL_SMOKE into ``run_dir``, with only the MLflow settings in ``env``
     (none inherited from this process)."""
-    return subprocess.run([str(BIN / "vaegan"), "run", "--config", "pipelines/configs/smoke.yaml", *FULL_SMOKE,
-                           "--run-dir", str(run_dir), *extra], cwd=REPO, capture_output=True, text=True,
-                          env={**without_mlflow_settings(), **env}, timeout=900, check=False)
+    return subprocess.run([str(BIN / "vaegan"), *full_smoke_args(run_dir), *extra], cwd=REPO, capture_output=True,
+                          text=True, env={**without_mlflow_settings(), **env}, timeout=900, check=False)
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +171,7 @@ def smoke_run(auth_server, tmp_path_factory):
     bytes), for test_security to grep; the reruns the tests make with ``env`` write there too."""
     run_dir = tmp_path_factory.mktemp("smoke-run")
     ray_tmp = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))
-    args = ["run", "--config", "pipelines/configs/smoke.yaml", *FULL_SMOKE, "--run-dir", str(run_dir)]
+    args = full_smoke_args(run_dir)
     env = {"MLFLOW_TRACKING_URI": auth_server["uri"], "MLFLOW_TRACKING_USERNAME": auth_server["user"],
            "MLFLOW_TRACKING_PASSWORD": auth_server["password"], "RAY_TMPDIR": str(ray_tmp)}
     try:
