@@ -12,7 +12,7 @@ ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c "import vaegan, ray, mlflow, torchvision, pytest, flask_wtf" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import vaegan, ray, mlflow, torchvision, pytest, xdist, flask_wtf" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet --upgrade pip
     # The lock pins every runtime dependency, so a fresh machine gets what CI and the container image run.
     "$VENV/bin/pip" install --quiet -c deploy/requirements.lock -e ".[dev]"
@@ -38,8 +38,9 @@ case "${1:-}" in
   test)
     ensure_venv; ensure_dataset
     shift
-    # The slowest tests are listed so that the suite's time stays visible (CI must finish in 30 minutes).
-    exec "$VENV/bin/python" -m pytest -q --durations=15 "$@"
+    # Two test processes, each module's tests kept together and the longest first (tests/conftest.py says why);
+    # the slowest tests are listed so that the suite's time stays visible.
+    exec "$VENV/bin/python" -m pytest -q -n 2 --no-loadscope-reorder --durations=15 "$@"
     ;;
   *)
     echo "usage: $0 job|test [extra arguments]" >&2

@@ -6,7 +6,7 @@
 #   deploy/local_cluster.sh up      # start it; prints the exports a client needs
 #   eval "$(deploy/local_cluster.sh env)"
 #   ray job submit --address http://127.0.0.1:8265 --working-dir . -- vaegan run --config pipelines/configs/smoke.yaml
-#   deploy/local_cluster.sh down    # stop it (like `ray stop`: every Ray node of this user on this machine)
+#   deploy/local_cluster.sh down    # stop it: this cluster's processes only, not every Ray on the machine
 #
 # The token lives in $VAEGAN_CLUSTER_DIR/auth_token (mode 600, made on first `up`), never in a command
 # line or a log. Settings, from the environment: VAEGAN_CLUSTER_DIR (default ~/.vaegan/local-cluster),
@@ -46,6 +46,37 @@ print(f"cluster up: {ray.cluster_resources()}")
 EOF
 }
 
+# Each node is started in a session of its own (setsid), whose id is kept in $STATE/<node>.sid: Ray's daemons
+# and workers stay in it, so `down` stops this cluster's processes and nothing else. `ray stop` would stop every
+# Ray of this user on the machine: a pipeline's own local Ray, another cluster, a test's.
+start_node() {
+  local node=$1; shift
+  setsid --wait bash -c 'echo $$ > "$0"; exec ray start "$@"' "$STATE/$node.sid" "$@" > "$STATE/$node.log" 2>&1 \
+    || { cat "$STATE/$node.log" >&2; exit 1; }
+}
+
+live_pids() {  # the live (not zombie) processes of the sessions in $STATE/*.sid
+  local sid
+  for sid in $(cat "$STATE"/*.sid 2>/dev/null); do
+    { ps -s "$sid" -o pid=,stat= || true; } | awk '$2 !~ /^Z/ {print $1}'  # ps fails once a session is empty
+  done
+}
+
+stop_cluster() {
+  local pids
+  pids=$(live_pids)
+  [[ -n "$pids" ]] && kill -TERM $pids 2>/dev/null || true
+  # 5 s of grace: the workers end on SIGTERM, while Ray's GCS, raylets, monitor and runtime-env agents wait for
+  # SIGKILL, which is also how `ray stop` ends them after its grace period.
+  for _ in $(seq 10); do
+    [[ -z "$(live_pids)" ]] && break
+    sleep 0.5
+  done
+  pids=$(live_pids)
+  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+  rm -f "$STATE"/*.sid
+}
+
 print_env() {
   echo "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
 }
@@ -53,20 +84,18 @@ print_env() {
 case "${1:-}" in
   up)
     ensure_token
-    ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+    start_node head --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-      --num-cpus="${HEAD_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" \
-      --disable-usage-stats > "$STATE/head.log" 2>&1 || { cat "$STATE/head.log" >&2; exit 1; }
+      --num-cpus="${HEAD_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats
     # Its own temp dir, so the two nodes' log monitors do not both forward the same worker logs.
-    ray start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --temp-dir="$STATE/worker" \
-      --num-cpus="${WORKER_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" \
-      --disable-usage-stats > "$STATE/worker.log" 2>&1 || { cat "$STATE/worker.log" >&2; exit 1; }
+    start_node worker --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --temp-dir="$STATE/worker" \
+      --num-cpus="${WORKER_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats
     wait_for_nodes "$GCS_PORT"
     echo "job server: http://127.0.0.1:$DASHBOARD_PORT   (clients need:)"
     print_env
     ;;
   down)
-    ray stop --grace-period 20 > /dev/null
+    stop_cluster
     echo "cluster down"
     ;;
   env)

@@ -1,5 +1,5 @@
 """Shared fixtures: real `mlflow server`s on 127.0.0.1 (a plain one, and one with basic auth), the suite's one
-full smoke pipeline run, and the CLI runner."""
+full smoke pipeline run, and the CLI runner; and how the suite is shared between two test processes."""
 from __future__ import annotations
 
 import base64
@@ -23,6 +23,58 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+# README's test command runs the suite in two processes (pytest-xdist, ``-n 2``): about a third of a serial run's
+# wall time is waiting (a Ray starting, a server answering, a subprocess), which the other process fills. A
+# module's tests stay in one process, so that its module fixtures (a Ray run, a cluster, a server) are built
+# once; the modules named in SPREAD have tests that share no such fixture and take a minute or more each, so
+# those are dealt out one by one (a parametrized test's cases together).
+SPREAD = {"test_benchmarks", "test_mlflow_outage"}
+SAME_PROCESS = {"test_security": "test_pipeline"}  # both read conftest's session-wide smoke_run
+# The longest groups first (from the --durations of a serial run), so that neither process is left with a long one
+# at the end while the other idles; the rest keep their file order.
+LONGEST_FIRST = ("test_pipeline", "test_faults", "test_deploy", "test_benchmarks::test_quality_quick",
+                 "test_mlflow_outage::test_a_server_down_until_training_ends", "test_benchmarks::test_throughput_quick",
+                 "test_benchmarks::test_sweep_quick", "test_mlflow_outage::test_a_server_that_comes_back",
+                 "test_benchmarks::test_preprocess_quick", "test_steps", "test_bad_input")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before the test processes start: every local Ray started without RAY_AUTH_MODE uses the token in
+    ~/.ray/auth_token and writes a new one where there is none, so on a fresh machine two Rays starting at once
+    would each write their own and one would find the other's."""
+    if not hasattr(config, "workerinput") and not (Path.home() / ".ray" / "auth_token").is_file():
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, check=True)
+
+
+def test_group(nodeid: str) -> str:
+    """The tests that must share a process: ``tests/test_x.py::test_y[case]`` -> its module, or in SPREAD's
+    modules the test with all its cases."""
+    path, _, name = nodeid.partition("::")
+    module = Path(path).stem
+    if module in SPREAD:
+        return f"{module}::{name.split('[')[0]}"
+    return SAME_PROCESS.get(module, module)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        group = test_group(item.nodeid)
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if group.startswith(prefix)), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: within a group, and among the rest, file order stays
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scheduling by scope (a scope's tests go to one process, the scopes in collection order with
+    ``--no-loadscope-reorder``), with ``test_group`` as the scope. (Its own ``--dist loadgroup`` reads
+    ``xdist_group`` marks through a node id that pytest 9.2 no longer lets it rewrite.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByTestGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+    return ByTestGroup(config, log)
 
 
 def free_port() -> int:

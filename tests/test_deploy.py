@@ -46,8 +46,13 @@ def cluster():
         yield {"address": f"http://127.0.0.1:{dashboard_port}", "gcs": f"127.0.0.1:{gcs_port}", "env": client_env,
                "up_output": up.stdout}
     finally:
-        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
+        sessions = [path.read_text().split()[0] for path in state.glob("*.sid")]  # each node's own session
+        down = subprocess.run([script, "down"], env=env, capture_output=True, text=True, timeout=120)
+        left = [line for sid in sessions for line in subprocess.run(
+            ["ps", "-s", sid, "-o", "pid=,stat=,args="], capture_output=True, text=True).stdout.splitlines()
+            if line.split()[1][0] != "Z"]
         shutil.rmtree(state, ignore_errors=True)
+        assert down.returncode == 0 and len(sessions) == 2 and not left, (down.stdout + down.stderr, sessions, left)
 
 
 def ray_cli(cluster, *args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
