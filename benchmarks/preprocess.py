@@ -134,13 +134,13 @@ def numpy_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: str) 
     """The Ray step's work on the IDX source in this process alone; returns its timings, peak RSS and manifest."""
     import psutil  # importable once ray is (ray/thirdparty_files); preprocess_memory imported it
 
-    from pipelines import shards
+    from pipelines import shards, sources
     from pipelines.config import DataConfig
     from vaegan.config import ModelConfig
     rss_before_mb = psutil.Process().memory_info().rss / MiB
     start = time.perf_counter()
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
-    blocks, classes = shards.idx_blocks(cfg)
+    blocks, classes = sources.idx_blocks(cfg)
     shape = {"image_size": model_cfg.image_size, "channels": model_cfg.channels}
     tables: dict[str, list[pa.Table]] = {split: [] for split in shards.SPLITS}
     for block in blocks:
@@ -163,20 +163,20 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
     files at a time, rows streamed to Parquet; returns its timings, peak RSS and manifest."""
     import psutil
 
-    from pipelines import shards
+    from pipelines import shards, sources
     from pipelines.config import DataConfig
     from vaegan.config import ModelConfig
     rss_before_mb = psutil.Process().memory_info().rss / MiB
     start = time.perf_counter()
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
     root = Path(cfg.source).resolve()
-    classes = shards.image_classes(root)
-    files = shards.image_files(root, cfg.limit)
+    classes = sources.image_classes(root)
+    files = sources.image_files(root, cfg.limit)
     shape = {"image_size": model_cfg.image_size, "channels": model_cfg.channels}
     with SplitWriter(Path(out_dir), cfg.rows_per_file) as writer:
         for first in range(0, len(files), BATCH_ROWS):
             chunk = files[first:first + BATCH_ROWS]
-            batch = shards.read_image_files({"path": np.array([str(f) for f in chunk])}, str(root), classes)
+            batch = sources.read_image_files({"path": np.array([str(f) for f in chunk])}, str(root), classes)
             writer.write(shards.transform_batch(batch, data, shape))
     written = time.perf_counter()
     manifest = shards.build_manifest(Path(out_dir), "images", cfg, model_cfg, classes)

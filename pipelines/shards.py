@@ -1,8 +1,6 @@
-"""Ray Data, source images -> Parquet shards + manifest: the work of the preprocess step (``steps/preprocess.py``).
+"""Ray Data, source rows -> Parquet shards + manifest: the work of the preprocess step (``steps/preprocess.py``).
 
-Inputs:  ``data.source``: an IDX folder (Fashion-MNIST/MNIST; "" finds Fashion-MNIST), a folder of
-         images (one sub-folder per class, or flat), or Parquet with an ``image`` column
-         (encoded PNG/JPEG bytes or uint8 arrays) and an optional ``label`` column.
+Inputs:  ``data.source``, read by ``sources.py`` (an IDX folder, a folder of images, or Parquet).
 Outputs: ``<out>/split=<train|val|test>/*.parquet`` with columns ``image`` (raw uint8 bytes of a
          (C, H, W) array: ``vaegan.imagerows``), ``label`` (int64, -1 when unknown) and ``key`` (int64, the
          row's stable id), and ``<out>/manifest.json`` (counts, image shape, fingerprint, per-channel statistics).
@@ -16,52 +14,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.extensions import ArrowTensorArray
-from ray.exceptions import UserCodeException
 
 from vaegan.config import ModelConfig
-from vaegan.errors import UserError
-from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows, encode_rows, is_image_file
+from vaegan.imagerows import IMAGE_TYPES, decode_image, decode_rows, encode_rows
 
 from .config import DataConfig
+from .sources import (BLOCK_ROWS, PreprocessError, idx_keep, image_files, parquet_rows, path_keys, read_source,
+                      source_format)
 
 SPLITS = ("train", "val", "test")
 MIN_SPLIT_ROWS = 4  # in val and test for tune, train and evaluate (see check_no_empty_split)
-BLOCK_ROWS = 2048
-
-
-class PreprocessError(UserError, ValueError, UserCodeException):
-    """Source data that cannot be turned into the configured images; names the file or row. A
-    UserCodeException, so Ray Data reports it as a fault in the data, without its internal traceback."""
-
-    def __str__(self) -> str:
-        # Ray Data appends its retry advice to a failed task's exception, after a line break; ours is one line.
-        return str(self.args[0]).partition("\n")[0] if self.args else ""
-
-
-def detect_format(source: str) -> str:
-    path = Path(source)
-    if not source:
-        return "idx"
-    if path.is_file() or any(path.rglob("*.parquet")):
-        return "parquet"
-    if any(path.glob("*-idx3-ubyte*")):
-        return "idx"
-    return "images"
-
-
-def source_format(cfg: DataConfig) -> str:
-    return detect_format(cfg.source) if cfg.format == "auto" else cfg.format
 
 
 def split_counts(cfg: DataConfig) -> tuple[dict[str, int], bool]:
@@ -73,11 +42,11 @@ def split_counts(cfg: DataConfig) -> tuple[dict[str, int], bool]:
     if fmt == "idx":
         from vaegan import data as vdata  # torch and torchvision, so only where needed (see _fit)
         idx_dir, cache = cfg.find_idx(), Path(cfg.data_dir) / "idx-cache"
-        train, test = (_idx_keep(cfg, split, vdata.check_idx(idx_dir, split, cache)) for split in ("train", "test"))
+        train, test = (idx_keep(cfg, split, vdata.check_idx(idx_dir, split, cache)) for split in ("train", "test"))
         keys, is_test, exact = np.arange(train), np.zeros(train, bool), True
     elif fmt == "images":
         root = Path(cfg.source)
-        keys, is_test, test, exact = _path_keys(root, image_files(root, cfg.limit)), None, 0, True
+        keys, is_test, test, exact = path_keys(root, image_files(root, cfg.limit)), None, 0, True
     else:
         rows = parquet_rows(cfg.source)
         rows = min(rows, cfg.limit) if cfg.limit else rows
@@ -87,42 +56,6 @@ def split_counts(cfg: DataConfig) -> tuple[dict[str, int], bool]:
     if exact:
         check_no_empty_split(counts, cfg)
     return counts, exact
-
-
-def source_files(cfg: DataConfig) -> list[Path]:
-    """The files preprocess reads from the source, sorted: the IDX files (and their .gz), an image folder's
-    files (hidden and "_" names skipped, as Ray's listing does), or the Parquet file(s)."""
-    fmt = source_format(cfg)
-    if fmt == "idx":
-        from vaegan import data as vdata
-        root = cfg.find_idx(download=False)
-        names = [name for pair in vdata.IDX_FILES.values() for name in pair]
-        return sorted(p for name in names for p in (root / name, root / f"{name}.gz") if p.is_file())
-    root = Path(cfg.source)
-    if root.is_file():
-        return [root]
-    pattern = "*.parquet" if fmt == "parquet" else "*"
-    return sorted(p for p in root.rglob(pattern)
-                  if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
-
-
-def source_signature(cfg: DataConfig, samples: int = 32, edge: int = 65536) -> dict[str, Any]:
-    """What the source's content is, cheaply: every file's name, size and mtime, and a hash of the first and
-    last ``edge`` bytes of ``samples`` files spread over the list (an edit that keeps size and mtime is seen
-    in those). Reads well under a second for 70,000 image files."""
-    files = source_files(cfg)
-    stats, content = hashlib.sha256(), hashlib.sha256()
-    for path in files:
-        info = path.stat()
-        stats.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    picked = files if len(files) <= samples else [files[i * (len(files) - 1) // (samples - 1)] for i in range(samples)]
-    for path in picked:
-        with open(path, "rb") as handle:
-            content.update(handle.read(edge))
-            if path.stat().st_size > 2 * edge:
-                handle.seek(-edge, os.SEEK_END)
-                content.update(handle.read(edge))
-    return {"files": len(files), "stats": stats.hexdigest()[:16], "sampled": content.hexdigest()[:16]}
 
 
 def check_no_empty_split(counts: dict[str, int], cfg: DataConfig, minimum: int = 1) -> None:
@@ -135,137 +68,6 @@ def check_no_empty_split(counts: dict[str, int], cfg: DataConfig, minimum: int =
                               f"({sum(counts.values())} rows in all, data.limit={cfg.limit}); allowed: "
                               f"{f'at least {minimum} rows per split for training and evaluation: ' * (minimum > 1)}"
                               "more data (data.limit) or larger data.val_fraction / data.test_fraction")
-
-
-# -- reading ---------------------------------------------------------------------------------------
-
-
-def idx_blocks(cfg: DataConfig) -> tuple[list[dict[str, np.ndarray]], list[str]]:
-    """The IDX source as 5000-row blocks of numpy columns: ``image`` uint8 (B, 1, H, W), ``label``,
-    ``key`` and ``is_test``; and the class names. Plain numpy, so a benchmark can run it without Ray."""
-    from vaegan import data as vdata
-    idx_dir = cfg.find_idx()
-    blocks = []
-    for split, offset in (("train", 0), ("test", 10**9)):  # offsets keep the two files' keys apart
-        images, labels = vdata.load_idx(idx_dir, split, cache_dir=Path(cfg.data_dir) / "idx-cache")
-        keep = _idx_keep(cfg, split, len(labels))
-        images, labels = images[:keep], labels[:keep]
-        keys = np.arange(keep, dtype=np.int64) + offset
-        for start in range(0, len(keys), 5000):  # several blocks, so map_batches can run in parallel
-            rows = slice(start, start + 5000)
-            blocks.append({"image": images[rows].numpy(), "label": labels[rows].numpy(), "key": keys[rows],
-                           "is_test": np.full(len(keys[rows]), split == "test")})
-    return blocks, [str(c) for c in range(10)]
-
-
-def _idx_keep(cfg: DataConfig, split: str, rows: int) -> int:
-    """Rows kept of an IDX split: all, or data.limit's share in the source's train:test proportion
-    (6:1 for Fashion-MNIST)."""
-    if not cfg.limit:
-        return rows
-    train = round(cfg.limit * 6 / 7)
-    return min(rows, train if split == "train" else cfg.limit - train)
-
-
-def _read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
-    blocks, classes = idx_blocks(cfg)
-    tables = [pa.table({**block, "image": ArrowTensorArray.from_numpy(block["image"])}) for block in blocks]
-    return ray.data.from_arrow(tables), classes
-
-
-def image_files(root: Path, limit: int = 0) -> list[Path]:
-    """The image folder's files in sorted order, the first ``limit`` of them if > 0. Paths with a part
-    starting with "." or "_" are skipped, as Ray's file listing skips such names; any other file that is
-    no image is an error, so a stray file is never read as data nor silently left out."""
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
-    allowed = f"allowed: {IMAGE_TYPES} files, flat or one sub-folder per class"
-    other = next((p for p in files if not is_image_file(p)), None)
-    if other is not None:
-        raise PreprocessError(f"image folder {root} holds {str(other.relative_to(root))!r}, which is not an "
-                              f"image file; {allowed}")
-    if not files:
-        raise PreprocessError(f"image folder {root} holds no image files; {allowed}")
-    return files[:limit] if limit else files
-
-
-def _path_keys(root: Path, files: list[Path]) -> np.ndarray:
-    """A row's stable id in an image folder: a hash of its path inside the folder."""
-    return np.array([zlib.crc32(str(f.relative_to(root)).encode()) for f in files], np.int64)
-
-
-def image_classes(root: Path) -> list[str]:
-    """An image folder's class names: its sub-folders, sorted (a label is an index into them)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
-
-
-def _read_images(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
-    root = Path(cfg.source).resolve()  # absolute paths: Ray's workers need not share the driver's directory
-    classes = image_classes(root)
-    files = [str(f) for f in image_files(root, cfg.limit)]
-    # Only the paths go into the dataset, in blocks of at most BLOCK_ROWS, a multiple of the cluster's CPUs of
-    # them (the last round keeps every core busy). Each task then reads, decodes and writes its own block (Ray
-    # fuses the chain into one task): every core decodes, no encoded bytes cross the object store, and a task's
-    # memory is bounded without a repartition. Ray's read_binary_files took 0.6 ms a file here, 25x a plain
-    # read, and ran as its own operator, beside the decode, on a core of its own.
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
-    blocks = math.ceil(math.ceil(len(files) / BLOCK_ROWS) / cpus) * cpus
-    step = math.ceil(len(files) / blocks)
-    ds = ray.data.from_arrow([pa.table({"path": files[i:i + step]}) for i in range(0, len(files), step)])
-    return ds.map_batches(read_image_files, batch_format="numpy",
-                          fn_kwargs={"root": str(root), "classes": classes}), classes
-
-
-def read_image_files(batch: dict[str, np.ndarray], root: str, classes: list[str]) -> dict[str, Any]:
-    """Rows of an image folder from a ``path`` column (paths under ``root``): the file's encoded bytes as
-    ``image`` (decoded in transform_batch, so a corrupt file fails there with its name), its ``label`` (the
-    index of its class folder in ``classes``, -1 for a file at the top), ``key`` and ``source_path``."""
-    files = [Path(p) for p in batch["path"]]
-    index = {name: i for i, name in enumerate(classes)}
-    rel = [f.relative_to(root) for f in files]
-    labels = np.array([index.get(r.parts[0], -1) if len(r.parts) > 1 else -1 for r in rel], np.int64)
-    return {"image": [_read_file(f) for f in files], "label": labels, "key": _path_keys(Path(root), files),
-            "source_path": np.array([str(f) for f in files])}
-
-
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise PreprocessError(f"{path}: cannot be read ({err.strerror or err}); allowed: readable image files") from err
-
-
-def parquet_rows(source: str) -> int:
-    """The Parquet source's row count, its schema checked, from the files' footers alone."""
-    path = Path(source)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-    if not files:
-        raise PreprocessError(f"Parquet source {source or '(none)'} holds no .parquet file; allowed: a Parquet file "
-                              "or a folder holding .parquet files (data.format=parquet)")
-    try:
-        schema, rows = pq.read_schema(files[0]), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    except (OSError, pa.ArrowException) as err:
-        raise PreprocessError(f"Parquet source {source} cannot be read: {err}; allowed: a Parquet file or folder "
-                              "(data.format=parquet), an IDX folder or an image folder") from err
-    image, label = (schema.field(name).type if name in schema.names else None for name in ("image", "label"))
-    image_ok = image is not None and (isinstance(image, pa.ExtensionType) or pa.types.is_binary(image)
-                                      or pa.types.is_large_binary(image) or pa.types.is_list(image)
-                                      or pa.types.is_large_list(image) or pa.types.is_fixed_size_list(image))
-    if not image_ok or not (label is None or pa.types.is_integer(label)):
-        columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
-        raise PreprocessError(f"Parquet source {source} has columns ({columns}); allowed: an 'image' column of "
-                              "encoded PNG/JPEG bytes or uint8 arrays, and optionally an integer 'label' column")
-    if rows == 0:
-        raise PreprocessError(f"Parquet source {source} holds no rows; allowed: at least one image per split")
-    return rows
-
-
-def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
-    parquet_rows(cfg.source)
-    ds = ray.data.read_parquet(cfg.source)
-    if cfg.limit:
-        ds = ds.limit(cfg.limit)
-    return ds, []
 
 
 # -- transforming ----------------------------------------------------------------------------------
@@ -375,13 +177,11 @@ def transform_batch(batch: dict[str, np.ndarray], data: dict, model: dict) -> di
 def run(cfg: DataConfig, model: ModelConfig, out_dir: Path) -> dict[str, Any]:
     """Write the Parquet shards and manifest into ``out_dir`` (a temporary folder the caller renames)."""
     fmt = source_format(cfg)
-    reader = {"idx": lambda: _read_idx(cfg), "images": lambda: _read_images(cfg),
-              "parquet": lambda: _read_parquet(cfg)}[fmt]
-    ds, classes = reader()  # [1] read the source as a lazy Ray Dataset
+    ds, classes = read_source(cfg)  # [1] read the source as a lazy Ray Dataset
     # A bad row then fails with its own PreprocessError naming the file: Ray's wrapper exception would keep
     # only its text once it crosses a process boundary.
     ds.context.raise_original_map_exception = True
-    if fmt != "images":  # image-folder reads are bounded already (see _read_images)
+    if fmt != "images":  # image-folder reads are bounded already (see sources.read_images)
         # Compressed sources can arrive as one block, which would make one task decode and buffer the whole
         # dataset before writing it; bounded blocks keep each task's memory independent of the dataset's size.
         ds = ds.repartition(target_num_rows_per_block=BLOCK_ROWS)

@@ -67,7 +67,7 @@ def test_cli_import_stays_light_and_every_user_error_shares_the_base():
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
     from deploy.pull import PullError
-    from pipelines.shards import PreprocessError
+    from pipelines.sources import PreprocessError
     from pipelines.tracking import TrackingError
     from vaegan.checkpoint import CheckpointError
     from vaegan.config import ConfigError

@@ -11,7 +11,7 @@ import ray
 from PIL import Image
 from ray.data.dataset import MaterializedDataset
 
-from pipelines import shards
+from pipelines import shards, sources
 from pipelines.config import DataConfig
 from vaegan.config import ModelConfig
 from vaegan.data import SHAPE_NAMES, make_shapes
@@ -65,7 +65,7 @@ def test_nan_pixels_name_the_row():
     images = np.zeros((3, 28, 28), np.float32)
     images[1, 5, 5] = np.inf
     batch = {"image": images, "key": np.array([10, 11, 12])}
-    with pytest.raises(shards.PreprocessError, match=r"^src\.parquet \(row key 11\): image has NaN or infinite "
+    with pytest.raises(sources.PreprocessError, match=r"^src\.parquet \(row key 11\): image has NaN or infinite "
                        r"pixel values; allowed: finite pixels"):
         shards.transform_batch(batch, dataclasses.asdict(DataConfig(source="src.parquet")),
                                    {"image_size": 28, "channels": 1})
@@ -73,7 +73,7 @@ def test_nan_pixels_name_the_row():
 
 def test_an_empty_split_is_a_clear_error(tmp_path):
     cfg = DataConfig(limit=14, val_fraction=0.01)  # 12 train images: the val part comes out empty
-    with pytest.raises(shards.PreprocessError, match="split 'val' is empty"):
+    with pytest.raises(sources.PreprocessError, match="split 'val' is empty"):
         shards.run(cfg, ModelConfig(), tmp_path / "out")
 
 

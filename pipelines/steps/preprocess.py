@@ -20,7 +20,7 @@ from vaegan.data import to_float
 from vaegan.featnet import feature_net_path, load_or_train_feature_net
 from vaegan.imagerows import read_split
 
-from .. import shards
+from .. import shards, sources
 from ..config import EvalConfig, PipelineConfig
 from ..context import RunContext, StepOutputs
 
@@ -35,7 +35,7 @@ CACHE_KEY = ("data", "model.image_size", "model.channels")
 
 def cache_extra(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
     """The source's files (names, sizes, mtimes, a sampled content hash): an edited source is preprocessed again."""
-    return {"source": shards.source_signature(cfg.data)}
+    return {"source": sources.source_signature(cfg.data)}
 
 
 @dataclasses.dataclass(kw_only=True)
