@@ -48,7 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, check=True)
 
 
-def test_group(nodeid: str) -> str:
+def process_group(nodeid: str) -> str:
     """The tests that must share a process: ``tests/test_x.py::test_y[case]`` -> its module, or in SPREAD's
     modules the test with all its cases."""
     path, _, name = nodeid.partition("::")
@@ -60,20 +60,20 @@ def test_group(nodeid: str) -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
-        group = test_group(item.nodeid)
+        group = process_group(item.nodeid)
         return next((i for i, prefix in enumerate(LONGEST_FIRST) if group.startswith(prefix)), len(LONGEST_FIRST))
     items.sort(key=rank)  # stable: within a group, and among the rest, file order stays
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's scheduling by scope (a scope's tests go to one process, the scopes in collection order with
-    ``--no-loadscope-reorder``), with ``test_group`` as the scope. (Its own ``--dist loadgroup`` reads
+    ``--no-loadscope-reorder``), with ``process_group`` as the scope. (Its own ``--dist loadgroup`` reads
     ``xdist_group`` marks through a node id that pytest 9.2 no longer lets it rewrite.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByTestGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return test_group(nodeid)
+            return process_group(nodeid)
     return ByTestGroup(config, log)
 
 
