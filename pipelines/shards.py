@@ -177,7 +177,7 @@ def transform_batch(batch: dict[str, np.ndarray], data: dict, model: dict) -> di
 def run(cfg: DataConfig, model: ModelConfig, out_dir: Path) -> dict[str, Any]:
     """Write the Parquet shards and manifest into ``out_dir`` (a temporary folder the caller renames)."""
     fmt = source_format(cfg)
-    ds, classes = read_source(cfg)  # [1] read the source as a lazy Ray Dataset
+    ds, classes = read_source(cfg, fmt)  # [1] read the source as a lazy Ray Dataset
     # A bad row then fails with its own PreprocessError naming the file: Ray's wrapper exception would keep
     # only its text once it crosses a process boundary.
     ds.context.raise_original_map_exception = True

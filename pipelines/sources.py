@@ -68,7 +68,12 @@ def source_files(cfg: DataConfig) -> list[Path]:
     root = Path(cfg.source)
     if root.is_file():
         return [root]
-    pattern = "*.parquet" if fmt == "parquet" else "*"
+    return listed_files(root, "*.parquet" if fmt == "parquet" else "*")
+
+
+def listed_files(root: Path, pattern: str) -> list[Path]:
+    """The files under ``root`` matching ``pattern``, sorted, skipping any path with a part starting with "."
+    or "_", as Ray's file listing does."""
     return sorted(p for p in root.rglob(pattern)
                   if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
 
@@ -92,9 +97,9 @@ def source_signature(cfg: DataConfig, samples: int = 32, edge: int = 65536) -> d
     return {"files": len(files), "stats": stats.hexdigest()[:16], "sampled": content.hexdigest()[:16]}
 
 
-def read_source(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
-    """The source as a lazy Ray Dataset, and its class names."""
-    return {"idx": read_idx, "images": read_images, "parquet": read_parquet}[source_format(cfg)](cfg)
+def read_source(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, list[str]]:
+    """The source, of format ``fmt`` (``source_format``), as a lazy Ray Dataset, and its class names."""
+    return {"idx": read_idx, "images": read_images, "parquet": read_parquet}[fmt](cfg)
 
 
 def idx_blocks(cfg: DataConfig) -> tuple[list[dict[str, np.ndarray]], list[str]]:
@@ -134,8 +139,7 @@ def image_files(root: Path, limit: int = 0) -> list[Path]:
     """The image folder's files in sorted order, the first ``limit`` of them if > 0. Paths with a part
     starting with "." or "_" are skipped, as Ray's file listing skips such names; any other file that is
     no image is an error, so a stray file is never read as data nor silently left out."""
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+    files = listed_files(root, "*")
     allowed = f"allowed: {IMAGE_TYPES} files, flat or one sub-folder per class"
     other = next((p for p in files if not is_image_file(p)), None)
     if other is not None:
