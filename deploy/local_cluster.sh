@@ -74,7 +74,14 @@ stop_cluster() {
   done
   pids=$(live_pids)
   [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
-  rm -f "$STATE"/*.sid
+  # A killed process stays in the process table, running its exit, for a moment after the signal is sent:
+  # `down` returns once the kernel has reaped them all, so a following `up` or check sees the cluster gone.
+  for _ in $(seq 20); do
+    [[ -z "$(live_pids)" ]] && { rm -f "$STATE"/*.sid; return 0; }
+    sleep 0.5
+  done
+  echo "cluster processes still running 10 s after SIGKILL: $(live_pids | tr '\n' ' ')" >&2
+  return 1
 }
 
 print_env() {
