@@ -32,15 +32,33 @@ ensure_token() {
   fi
 }
 
+# Both nodes joined, and each node's dashboard agent registered: the job server hands a submission to the head
+# node's agent and refuses it ("No available agent to submit job") when that agent is not up within 10 s, which
+# on a busy 2-core machine it can still be for a while after `ray start` returns.
 wait_for_nodes() {
   python - "$1" <<'EOF'
 import sys, time
 import ray
+from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+from ray.experimental.internal_kv import _internal_kv_get
 ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_driver=False)
-deadline = time.time() + 60
-while sum(node["Alive"] for node in ray.nodes()) < 2:
+
+
+def waiting_for() -> str:
+    alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    if len(alive) < 2:
+        return "the worker node to join"
+    if not all(_internal_kv_get(DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + node, namespace=KV_NAMESPACE_DASHBOARD)
+               for node in alive):
+        return "the nodes' dashboard agents to register"
+    return ""
+
+
+deadline = time.time() + 90
+while (what := waiting_for()):
     if time.time() > deadline:
-        sys.exit("the worker node did not join within 60s")
+        sys.exit(f"waited 90 s for {what}")
     time.sleep(0.5)
 print(f"cluster up: {ray.cluster_resources()}")
 EOF
@@ -49,10 +67,15 @@ EOF
 # Each node is started in a session of its own (setsid), whose id is kept in $STATE/<node>.sid: Ray's daemons
 # and workers stay in it, so `down` stops this cluster's processes and nothing else. `ray stop` would stop every
 # Ray of this user on the machine: a pipeline's own local Ray, another cluster, a test's.
+# Each node's dashboard agent gets a free port of its own: every Ray node's agent (a local `ray.init`'s too)
+# listens on 52365 unless told otherwise, and an agent that loses that race serves no HTTP, so the job server
+# finds no agent to hand a submission to.
 start_node() {
   local node=$1; shift
-  setsid --wait bash -c 'echo $$ > "$0"; exec ray start "$@"' "$STATE/$node.sid" "$@" > "$STATE/$node.log" 2>&1 \
-    || { cat "$STATE/$node.log" >&2; exit 1; }
+  local agent_port
+  agent_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  setsid --wait bash -c 'echo $$ > "$0"; exec ray start "$@"' "$STATE/$node.sid" "$@" \
+    --dashboard-agent-listen-port="$agent_port" > "$STATE/$node.log" 2>&1 || { cat "$STATE/$node.log" >&2; exit 1; }
 }
 
 live_pids() {  # the live (not zombie) processes of the sessions in $STATE/*.sid
