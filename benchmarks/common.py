@@ -111,15 +111,12 @@ def print_table(rows: list[tuple[str, Any]]) -> None:
 
 @contextlib.contextmanager
 def local_ray(**init_kwargs: Any) -> Iterator[None]:
-    """A Ray cluster of our own for the block (never one that happens to be running), shut down after;
-    ``init_kwargs`` go to ``ray.init`` (e.g. ``num_cpus``, ``object_store_memory``)."""
+    """A Ray of our own for the block, started as the pipeline starts its local one (never one that happens to
+    be running), shut down after; ``init_kwargs`` go to ``ray.init`` (e.g. ``num_cpus``, ``object_store_memory``)."""
     import ray
-    # Ray Train otherwise prints every worker line twice (as pipelines.pipeline.connect_ray does).
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    # Keep the dashboard: Ray Train's PlacementGroupCleaner asks the state API (served by the dashboard)
-    # whether a finished run's controller is gone; without it a Tune trial's placement group leaks and
-    # the next trial's Ray Data tasks wait forever for its CPU.
-    ray.init(**{"address": "local", "num_cpus": os.cpu_count(), "runtime_env": runtime_env, **init_kwargs})
+
+    from pipelines.cluster import start_local_ray
+    start_local_ray(**{"num_cpus": os.cpu_count(), **init_kwargs})
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield

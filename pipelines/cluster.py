@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import ray
 import torch
@@ -29,29 +30,40 @@ def connect_ray(cfg: PipelineConfig | None = None) -> bool:
     local = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return local
-    # Ray Train otherwise prints every worker line twice; Ray's workers talk to MLflow as the driver does.
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}}
     if local:
         have = local_resources()
-        # Ray Train's PlacementGroupCleaner asks the state API whether its controller lives, with no address:
-        # with a second local Ray on the machine (another pipeline, a sweep) that lookup fails with "Found
-        # multiple active Ray instances", the cleaner dies, its placement group leaks and the next Tune trial
-        # waits forever. Naming this Ray's dashboard, the state API's server, to every worker avoids the guess.
-        dashboard_port = free_port()
-        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-        # Ray Train's preemption watcher polls for nodes being drained; one machine's own Ray is never drained,
-        # and the watcher is one more actor process to start per Train run (seconds each on 2 cores).
-        runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        # address="local": without it Ray joins the cluster named in /tmp/ray/ray_current_cluster, the last
-        # `ray start` on this machine, even one that is long gone (then init fails: "When connecting to an
-        # existing cluster, num_cpus and num_gpus must not be provided"). RAY_ADDRESS alone picks a cluster.
-        ray.init(address="local", num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]), runtime_env=runtime_env,
-                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
+        start_local_ray(num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]))
     else:
-        ray.init(runtime_env=runtime_env)
+        ray.init(runtime_env={"env_vars": worker_env()})
         if cfg is not None:
             check_fits(cfg, ray.cluster_resources(), cluster=os.environ["RAY_ADDRESS"])
     return local
+
+
+def worker_env() -> dict[str, str]:
+    """The environment every Ray worker of the pipeline gets: Ray Train otherwise prints every worker line
+    twice; Ray's workers talk to MLflow as the driver does."""
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **tracking.bounded_retries()}
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """A Ray of this process's own on this machine (never one that happens to be running); ``init_kwargs``
+    go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...). The benchmarks start theirs here too."""
+    env = worker_env()
+    # Ray Train's PlacementGroupCleaner asks the state API whether its controller lives, with no address:
+    # with a second local Ray on the machine (another pipeline, a sweep) that lookup fails with "Found
+    # multiple active Ray instances", the cleaner dies, its placement group leaks and the next Tune trial
+    # waits forever. Naming this Ray's dashboard, the state API's server, to every worker avoids the guess.
+    dashboard_port = free_port()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # Ray Train's preemption watcher polls for nodes being drained; one machine's own Ray is never drained,
+    # and the watcher is one more actor process to start per Train run (seconds each on 2 cores).
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    # address="local": without it Ray joins the cluster named in /tmp/ray/ray_current_cluster, the last
+    # `ray start` on this machine, even one that is long gone (then init fails: "When connecting to an
+    # existing cluster, num_cpus and num_gpus must not be provided"). RAY_ADDRESS alone picks a cluster.
+    ray.init(address="local", runtime_env={"env_vars": env}, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, **init_kwargs)
 
 
 def free_port() -> int:
