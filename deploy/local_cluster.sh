@@ -75,7 +75,15 @@ start_node() {
   local agent_port
   agent_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   setsid --wait bash -c 'echo $$ > "$0"; exec ray start "$@"' "$STATE/$node.sid" "$@" \
-    --dashboard-agent-listen-port="$agent_port" > "$STATE/$node.log" 2>&1 || { cat "$STATE/$node.log" >&2; exit 1; }
+    --dashboard-agent-listen-port="$agent_port" > "$STATE/$node.log" 2>&1 || { cat "$STATE/$node.log" >&2; return 1; }
+}
+
+# An `up` that fails half-way (the worker cannot join, an agent never registers) stops what it started, so
+# that no half-cluster keeps its ports and CPUs and the next `up` starts clean.
+abort_up() {
+  stop_cluster || true
+  echo "cluster not started; the nodes that did start are stopped (logs: $STATE/*.log)" >&2
+  exit 1
 }
 
 live_pids() {  # the live (not zombie) processes of the sessions in $STATE/*.sid
@@ -116,11 +124,13 @@ case "${1:-}" in
     ensure_token
     start_node head --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
       --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-      --num-cpus="${HEAD_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats
+      --num-cpus="${HEAD_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats \
+      || abort_up
     # Its own temp dir, so the two nodes' log monitors do not both forward the same worker logs.
     start_node worker --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --temp-dir="$STATE/worker" \
-      --num-cpus="${WORKER_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats
-    wait_for_nodes "$GCS_PORT"
+      --num-cpus="${WORKER_CPUS:-1}" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats \
+      || abort_up
+    wait_for_nodes "$GCS_PORT" || abort_up
     echo "job server: http://127.0.0.1:$DASHBOARD_PORT   (clients need:)"
     print_env
     ;;

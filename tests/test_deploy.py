@@ -39,10 +39,10 @@ def cluster():
            "GCS_PORT": str(gcs_port), "DASHBOARD_PORT": str(dashboard_port)}
     env.pop("RAY_ADDRESS", None)
     script = str(REPO / "deploy" / "local_cluster.sh")
-    up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
-    assert up.returncode == 0, up.stdout + up.stderr
     client_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
     try:
+        up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
         yield {"address": f"http://127.0.0.1:{dashboard_port}", "gcs": f"127.0.0.1:{gcs_port}", "env": client_env,
                "up_output": up.stdout}
     finally:
