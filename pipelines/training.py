@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import ray.train
+from ray.data import RandomSeedConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -102,14 +103,17 @@ def held_train_split(split_dir: Path, image_shape: list[int], train_limit: int =
 
 def streamed_train_split(cfg: PipelineConfig, split_dir: Path, train_limit: int = 0) -> ray.data.Dataset:
     """A large train split as a Ray Dataset streamed from Parquet, its rows in no fixed order (a limit takes as
-    many rows, from any file); each worker iterates its ``get_dataset_shard``."""
+    many rows, from any file); each worker iterates its ``get_dataset_shard``, one execution per epoch with its
+    blocks in a new order each time (seeded by ``train.seed``), and mixes the rows (``worker.streamed_epoch``)."""
     dataset = ray.data.read_parquet(str(split_dir)).select_columns(["image"])  # projected into the read
     if train_limit:
         dataset = dataset.limit(train_limit)
+    dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
     if cfg.train.num_workers * cfg.train.cpus_per_worker >= ray.cluster_resources().get("CPU", 0) \
             and not cfg.train.use_gpu:
         # The workers would hold every CPU and Ray Data's read tasks could never run: read it all up front
-        # (the object store spills to disk beyond memory) rather than deadlock mid-stream.
+        # (the object store spills to disk beyond memory) rather than deadlock mid-stream. Its block order is
+        # then drawn once; each epoch's rows still mix in the workers' shuffle buffers.
         dataset = dataset.materialize()
     return dataset
 

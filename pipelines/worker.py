@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -133,10 +135,25 @@ class TrainBatches:
         if self.images is not None:
             order = shard_order(len(self.images), self.seed, epoch, self.rank, self.world)
             return tensor_batches(self.images, self.batch_size, order, self.device)
-        # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
-        # and become float tensors here.
-        return (decode_rows_float(b["image"], self.image_shape, self.device)
-                for b in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True))
+        return streamed_epoch(self.shard, self.image_shape, self.batch_size, self.device,
+                              seed=int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
+
+
+# Per worker: the rows a streamed epoch is shuffled within, as bytes (256 MiB is ~340k 28 px grey images,
+# ~21k 64 px RGB ones): far more than the few blocks in flight, which alone would leave neighbours together.
+SHUFFLE_BUFFER_BYTES = 256 << 20
+
+
+def streamed_epoch(shard: ray.data.DataIterator, image_shape: list[int], batch_size: int, device: torch.device,
+                   seed: int) -> Iterable[torch.Tensor]:
+    """One epoch of a streamed shard as float batches, its rows shuffled in a buffer of SHUFFLE_BUFFER_BYTES
+    (seeded per epoch and rank), so that no two epochs meet the rows in the same order."""
+    buffer_rows = max(batch_size, SHUFFLE_BUFFER_BYTES // math.prod(image_shape))
+    # Rows hold raw uint8 bytes (portable Parquet, no Ray tensor extension), so batches come as numpy
+    # and become float tensors here.
+    return (decode_rows_float(b["image"], image_shape, device)
+            for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=buffer_rows, local_shuffle_seed=seed))
 
 
 def held_images(ref: ray.ObjectRef) -> torch.Tensor:
