@@ -2,6 +2,7 @@
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -91,19 +92,26 @@ def test_split_is_a_deterministic_hash_of_the_row_key():
     assert (fixed[:5] == "test").all() and "test" not in fixed[5:]  # a source's own test file is kept
 
 
+def write_train_split(folder: Path, parts) -> Path:
+    """``folder/split=train`` as the preprocess step writes it: one Parquet file of image rows per part."""
+    from vaegan.imagerows import encode_rows
+    split = folder / "split=train"
+    split.mkdir()
+    for i, part in enumerate(parts):
+        pq.write_table(pa.table({"image": encode_rows(part), "label": np.zeros(len(part), np.int64)}),
+                       split / f"part-{i}.parquet")
+    return split
+
+
 @pytest.mark.parametrize("limit", [0, 9])
 def test_the_train_split_is_the_same_rows_held_in_memory_streamed_or_materialized(tmp_path, monkeypatch, limit):
     """pipelines.training's three ways to the Train workers: a small split held as one array (for the object
     store); a large one streamed from Parquet; a large one read up front when the workers hold every CPU."""
     from pipelines import training
     from pipelines.config import load_config
-    from vaegan.imagerows import decode_rows, encode_rows
+    from vaegan.imagerows import decode_rows
     images = np.random.default_rng(0).integers(0, 256, (12, 1, 4, 4), dtype=np.uint8)
-    split = tmp_path / "split=train"
-    split.mkdir()
-    for i, part in enumerate((images[:7], images[7:])):
-        pq.write_table(pa.table({"image": encode_rows(part), "label": np.zeros(len(part), np.int64)}),
-                       split / f"part-{i}.parquet")
+    split = write_train_split(tmp_path, (images[:7], images[7:]))
     cfg = load_config("pipelines/configs/smoke.yaml")  # 1 worker of 1 CPU: this Ray's other CPU is free
     hogging = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=2))
 
@@ -132,14 +140,8 @@ def test_a_streamed_split_comes_in_a_new_order_every_epoch(tmp_path):
 
     from pipelines import training, worker
     from pipelines.config import load_config
-    from vaegan.imagerows import encode_rows
     images = np.random.default_rng(1).integers(0, 256, (64, 1, 4, 4), dtype=np.uint8)
-    split = tmp_path / "split=train"
-    split.mkdir()
-    for i in range(4):
-        part = images[16 * i:16 * (i + 1)]
-        pq.write_table(pa.table({"image": encode_rows(part), "label": np.zeros(len(part), np.int64)}),
-                       split / f"part-{i}.parquet")
+    split = write_train_split(tmp_path, np.split(images, 4))
     shard = training.streamed_train_split(load_config("pipelines/configs/smoke.yaml"), split).iterator()
 
     def epoch(seed: int) -> list[bytes]:
