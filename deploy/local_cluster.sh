@@ -93,26 +93,32 @@ live_pids() {  # the live (not zombie) processes of the sessions in $STATE/*.sid
   done
 }
 
-stop_cluster() {
+signal_live() {  # send signal $1 to every live process of the cluster's sessions
   local pids
   pids=$(live_pids)
-  [[ -n "$pids" ]] && kill -TERM $pids 2>/dev/null || true
+  [[ -n "$pids" ]] && kill "-$1" $pids 2>/dev/null || true
+}
+
+gone_within() {  # whether every process of the cluster's sessions is gone within $1 seconds
+  local deadline=$((SECONDS + $1))
+  while [[ -n "$(live_pids)" ]]; do
+    (( SECONDS < deadline )) || return 1
+    sleep 0.5
+  done
+}
+
+stop_cluster() {
+  signal_live TERM
   # 5 s of grace: the workers end on SIGTERM, while Ray's GCS, raylets, monitor and runtime-env agents wait for
   # SIGKILL, which is also how `ray stop` ends them after its grace period.
-  for _ in $(seq 10); do
-    [[ -z "$(live_pids)" ]] && break
-    sleep 0.5
-  done
-  pids=$(live_pids)
-  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+  gone_within 5 || signal_live KILL
   # A killed process stays in the process table, running its exit, for a moment after the signal is sent:
   # `down` returns once the kernel has reaped them all, so a following `up` or check sees the cluster gone.
-  for _ in $(seq 20); do
-    [[ -z "$(live_pids)" ]] && { rm -f "$STATE"/*.sid; return 0; }
-    sleep 0.5
-  done
-  echo "cluster processes still running 10 s after SIGKILL: $(live_pids | tr '\n' ' ')" >&2
-  return 1
+  if ! gone_within 10; then
+    echo "cluster processes still running 10 s after SIGKILL: $(live_pids | tr '\n' ' ')" >&2
+    return 1
+  fi
+  rm -f "$STATE"/*.sid
 }
 
 print_env() {
