@@ -113,10 +113,30 @@ def print_table(rows: list[tuple[str, Any]]) -> None:
 def local_ray(**init_kwargs: Any) -> Iterator[None]:
     """A Ray of our own for the block, started as the pipeline starts its local one (never one that happens to
     be running), shut down after; ``init_kwargs`` go to ``ray.init`` (e.g. ``num_cpus``, ``object_store_memory``)."""
-    import ray
-
     from pipelines.cluster import start_local_ray
     start_local_ray(**{"num_cpus": os.cpu_count(), **init_kwargs})
+    with connected():
+        yield
+
+
+@contextlib.contextmanager
+def pipeline_ray() -> Iterator[None]:
+    """The Ray the pipeline would run on, for the block: the cluster at RAY_ADDRESS where one is named (the
+    tests run the benchmarks on a Ray head they share), else a local Ray of our own (``local_ray``)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        with local_ray():
+            yield
+        return
+    from pipelines.cluster import connect_ray
+    connect_ray()
+    with connected():
+        yield
+
+
+@contextlib.contextmanager
+def connected() -> Iterator[None]:
+    """Inside a connected Ray: no Ray Data progress bars in the benchmark's output; disconnect after."""
+    import ray
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield

@@ -109,7 +109,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=args.work_dir)).resolve()
     try:
-        with common.local_ray():
+        with common.pipeline_ray():
             data = common.prepare_data(cfg, args.work_dir / "data")
             ctx = tracking_context(scratch)
             # grace_period == max_epochs: one rung at max_t, so no trial stops early (the grid to completion).

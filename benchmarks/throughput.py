@@ -146,8 +146,8 @@ def init_single_process_group(device: torch.device) -> None:
 
 
 def measure_ray(args, cfg, parts: dict[str, Any], scratch: Path) -> common.PreparedData:
-    """Prepare the data and run the Ray Train parts, in one local Ray session."""
-    with common.local_ray():
+    """Prepare the data and run the Ray Train parts, in one Ray session (``common.pipeline_ray``)."""
+    with common.pipeline_ray():
         data = common.prepare_data(cfg, args.work_dir / "data")
         for workers in (1, 2):
             name = f"ray_train_{workers}w"

@@ -128,6 +128,66 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
+def session_pids(session: int, title: str = "") -> list[int]:
+    """The live processes of ``session`` (zombies left out) whose command line contains ``title``."""
+    listed = subprocess.run(["ps", "-s", str(session), "-o", "pid=,stat=,args="], capture_output=True, text=True)
+    rows = [line.split(None, 2) + [""] for line in listed.stdout.splitlines()]
+    return [int(row[0]) for row in rows if not row[1].startswith("Z") and title in row[2]]
+
+
+def sigkill_session(session: int) -> None:
+    """SIGKILL every process of ``session`` and return once the kernel has reaped them all. A Ray started in a
+    session of its own stays in it, workers included (even those that take a process group of their own), and
+    no other Ray on the host (another test's, a user's) is in it."""
+    deadline = time.time() + 60
+    while pids := session_pids(session):
+        assert time.time() < deadline, f"processes of session {session} outlived SIGKILL: {pids}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], *flags: str):
+    """`ray start --head --block` with ``flags`` and ``env``, in a session and a temp folder of its own; yields
+    its address once it is up, and stops it after (SIGKILL to its session: a test's Ray has nothing to save)."""
+    temp = Path(tempfile.mkdtemp(prefix="vr-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    log = temp / "head.log"
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--temp-dir={temp}", "--disable-usage-stats", *flags],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, f"ray start --head did not come up:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        sigkill_session(proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One Ray head per test process, for the CLI runs and benchmarks whose tests are not about how the pipeline
+    starts and stops its own Ray: they join it at RAY_ADDRESS (as under `ray job submit` or on a user's
+    cluster), which saves each of them a local Ray's start and stop (~12 s on 2 cores). Set up as
+    ``pipelines.cluster.start_local_ray`` sets up a local one: Train's placement-group cleaner finds this Ray's
+    state API by address (other Rays run on the machine), no preemption watcher. Its workers get the head's
+    environment, not a joining driver's: a test that hands its workers variables of its own starts its own Ray."""
+    dashboard = free_port()
+    # Token auth with ~/.ray/auth_token, like every local Ray here; a driver that joins a cluster assumes no
+    # auth unless RAY_AUTH_MODE says so.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
+           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    with ray_head(env, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                  f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={os.cpu_count()}", "--num-gpus=0") as address:
+        yield {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run the `vaegan` console script as a user would, from the repository root."""
     return subprocess.run([str(BIN / "vaegan"), *args], cwd=REPO, capture_output=True, text=True,

@@ -1,12 +1,15 @@
-"""Each benchmark's --quick mode end to end (a real local Ray where the benchmark uses one): it runs, and
-its JSON has the layout of the committed full run (benchmarks/results/<name>.json: every block, every key of
-each block, ``command`` and ``machine``), with finite, positive figures. A local Ray per script and six Ray
-Train runs (2 throughput, 2 sweep trials, 2 quality pipelines) at ~25 s of start-up each (Train controller,
-worker group) set the floor; their epochs take seconds."""
+"""Each benchmark's --quick mode end to end (a real Ray where the benchmark uses one): it runs, and its JSON
+has the layout of the committed full run (benchmarks/results/<name>.json: every block, every key of each
+block, ``command`` and ``machine``), with finite, positive figures. The throughput, sweep and quality scripts
+join the test process's shared Ray head (RAY_ADDRESS, conftest's ``shared_ray``); preprocess measures a
+fresh local Ray's start-up, so it starts its own. Six Ray Train runs (2 throughput, 2 sweep trials,
+2 quality pipelines) at ~20 s of start-up each (Train controller, worker group) set the floor; their epochs
+take seconds."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +32,12 @@ def layout(result: dict) -> dict:
     return {key: sorted(value) if isinstance(value, dict) else type(value).__name__ for key, value in result.items()}
 
 
-def run_quick(name: str, tmp_path: Path, work_dir: Path) -> dict:
+def run_quick(name: str, tmp_path: Path, work_dir: Path, env: dict[str, str] | None = None) -> dict:
+    """``benchmarks/<name>.py --quick``, with ``env`` added to this process's environment."""
     out = tmp_path / f"{name}.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out),
                            "--work-dir", str(work_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          check=False)
+                          check=False, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     # The quick run writes every block and key the committed full run has; a part --quick leaves out says so.
@@ -50,8 +54,8 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_throughput_quick(tmp_path, work_dir):
-    result = run_quick("throughput", tmp_path, work_dir)
+def test_throughput_quick(tmp_path, work_dir, shared_ray):
+    result = run_quick("throughput", tmp_path, work_dir, shared_ray)
     for part in ("bare", "bare_at_worker_threads", "ray_train_1w", "ray_train_2w", "bare_vae"):
         assert positive(result[part]["images_per_s"]) and result[part]["torch_threads"] >= 1, part
         assert result[part]["nonfinite_skipped"] == 0, part
@@ -97,8 +101,8 @@ def test_preprocess_quick(tmp_path, work_dir):
     assert all(positive(result["ratios"][k]) for k in ("ray_over_script_png_time", "ray_over_script_png_peak_rss"))
 
 
-def test_sweep_quick(tmp_path, work_dir):
-    result = run_quick("sweep", tmp_path, work_dir)
+def test_sweep_quick(tmp_path, work_dir, shared_ray):
+    result = run_quick("sweep", tmp_path, work_dir, shared_ray)
     grid, asha = result["grid"], result["asha"]
     assert grid["trials"] == asha["trials"] == 1  # --quick: one point, the layout's check
     assert grid["trial_epochs"] == result["setup"]["max_epochs"]  # the grid runs every point to completion
@@ -123,5 +127,5 @@ def test_quality_quick(system, quality_quick):
 
 
 @pytest.fixture(scope="module")
-def quality_quick(tmp_path_factory, work_dir):
-    return run_quick("quality", tmp_path_factory.mktemp("quality"), work_dir)
+def quality_quick(tmp_path_factory, work_dir, shared_ray):
+    return run_quick("quality", tmp_path_factory.mktemp("quality"), work_dir, shared_ray)

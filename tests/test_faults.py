@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO
+from conftest import BIN, REPO, session_pids, sigkill_session
 
 from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -52,25 +52,9 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300.0):
 
 
 def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process of its session: the local Ray it started (GCS, raylet, dashboard,
-    workers) stays in that session even where a worker takes a process group of its own, and no other Ray on
-    the host (another test's, a user's) is in it."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the driver and every process of its session, the local Ray it started included."""
+    sigkill_session(proc.pid)
     proc.wait()
-    deadline = time.time() + 60
-    while pids := session_pids(proc.pid):
-        assert time.time() < deadline, f"processes of the killed run outlived SIGKILL: {pids}"
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-
-
-def session_pids(session: int, title: str = "") -> list[int]:
-    """The live processes of ``session`` (zombies left out) whose command line contains ``title``."""
-    listed = subprocess.run(["ps", "-s", str(session), "-o", "pid=,stat=,args="], capture_output=True, text=True)
-    rows = [line.split(None, 2) + [""] for line in listed.stdout.splitlines()]
-    return [int(row[0]) for row in rows if not row[1].startswith("Z") and title in row[2]]
 
 
 def progress(run_dir: Path) -> dict:

@@ -43,12 +43,12 @@ def server(tmp_path_factory):
     server.stop()
 
 
-def start_run(run_dir: Path, uri: str, epochs: int, model_name: str) -> subprocess.Popen:
+def start_run(run_dir: Path, uri: str, epochs: int, model_name: str, ray: dict[str, str]) -> subprocess.Popen:
     command = [str(BIN / "vaegan"), "run", "--config", SMOKE, "--run-dir", str(run_dir),
                "--set", "tune.enabled=false", "--set", "eval.baseline_vae=false", "--set", f"train.epochs={epochs}",
                "--set", "register.experiment=outage", "--set", f"register.model_name={model_name}"]
     log = open(run_dir.parent / f"{run_dir.name}-{time.time_ns()}.log", "w+")
-    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log,
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **ray, "MLFLOW_TRACKING_URI": uri}, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     proc.log = log
     return proc
@@ -80,8 +80,8 @@ def test_a_server_down_at_the_start_fails_before_any_compute(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "mlflow.db"], "nothing may run before the check"
 
 
-def test_a_server_that_comes_back_gets_the_buffered_figures(server, tmp_path):
-    run = start_run(tmp_path / "run", server.uri, epochs=6, model_name="vaegan-outage-back")
+def test_a_server_that_comes_back_gets_the_buffered_figures(server, shared_ray, tmp_path):
+    run = start_run(tmp_path / "run", server.uri, epochs=6, model_name="vaegan-outage-back", ray=shared_ray)
     wait_for_line(run, "[train] epoch 1")
     server.stop()
     wait_for_line(run, "is not answering")
@@ -94,10 +94,10 @@ def test_a_server_that_comes_back_gets_the_buffered_figures(server, tmp_path):
     assert client.get_model_version_by_alias("vaegan-outage-back", "champion") is not None
 
 
-def test_a_server_down_until_training_ends_fails_clearly_and_the_rerun_resumes(server, tmp_path):
+def test_a_server_down_until_training_ends_fails_clearly_and_the_rerun_resumes(server, shared_ray, tmp_path):
     run_dir = tmp_path / "run"
     client = MlflowClient(server.uri)
-    run = start_run(run_dir, server.uri, epochs=2, model_name="vaegan-outage-rerun")
+    run = start_run(run_dir, server.uri, epochs=2, model_name="vaegan-outage-rerun", ray=shared_ray)
     wait_for_line(run, "[train] epoch 1")
     server.stop()
     assert run.wait(timeout=600) == 2, output(run)[-4000:]
@@ -108,7 +108,7 @@ def test_a_server_down_until_training_ends_fails_clearly_and_the_rerun_resumes(s
 
     server.start()
     assert not client.search_model_versions("name='vaegan-outage-rerun'"), "nothing was registered"
-    rerun = start_run(run_dir, server.uri, epochs=2, model_name="vaegan-outage-rerun")
+    rerun = start_run(run_dir, server.uri, epochs=2, model_name="vaegan-outage-rerun", ray=shared_ray)
     assert rerun.wait(timeout=600) == 0, output(rerun)[-4000:]
     assert "[train] resumed from epoch 2" in output(rerun), "the rerun trains nothing again"
     summary = json.loads((run_dir / "summary.json").read_text())

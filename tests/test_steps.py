@@ -110,16 +110,16 @@ def test_the_register_key_follows_the_tracking_uri(tmp_path):
         dag.step_key("train", cfg, context(tmp_path, "http://registry-b:5000"), upstream)
 
 
-def test_a_rerun_after_a_source_edit_preprocesses_again(tmp_path):
-    """End to end through the CLI (one Ray each): the same command after one source file changed runs
-    preprocess again instead of reporting the old shards as cached."""
+def test_a_rerun_after_a_source_edit_preprocesses_again(tmp_path, shared_ray):
+    """End to end through the CLI (on the test process's shared Ray): the same command after one source file
+    changed runs preprocess again instead of reporting the old shards as cached."""
     source, edited = write_source("images", tmp_path / "source")
     args = ("run", "--config", "pipelines/configs/smoke.yaml", "--steps", "preprocess", "--run-dir", str(tmp_path / "run"),
             "--set", f"data.source={source}", "--set", "data.limit=0", "--set", "train.batch_size=4",
             "--set", "tune.enabled=false")
 
     def preprocess_status() -> tuple[str, str]:
-        done = run_cli(*args, timeout=600)
+        done = run_cli(*args, env=shared_ray, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         step = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"]["preprocess"]
         return step["status"], step["key"]
