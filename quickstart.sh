@@ -39,8 +39,10 @@ case "${1:-}" in
     ensure_venv; ensure_dataset
     shift
     # Two test processes, each module's tests kept together and the longest first (tests/conftest.py says why);
-    # the slowest tests are listed so that the suite's time stays visible.
-    exec "$VENV/bin/python" -m pytest -q -n 2 --no-loadscope-reorder --durations=15 "$@"
+    # the slowest tests are listed so that the suite's time stays visible. A test process that dies (e.g. one
+    # that Ray ends when a cluster it joined goes away) fails the run at once, naming the test it was running;
+    # otherwise xdist starts a new one, and once, with our scope scheduling, the run then hung with both idle.
+    exec "$VENV/bin/python" -m pytest -q -n 2 --no-loadscope-reorder --max-worker-restart=0 --durations=15 "$@"
     ;;
   *)
     echo "usage: $0 job|test [extra arguments]" >&2
