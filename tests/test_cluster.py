@@ -27,13 +27,11 @@ def one_cpu_cluster():
             while ray.cluster_resources().get("CPU") != 1:  # the head's raylet may register a moment later
                 assert time.time() < deadline, f"the head never showed its CPU: {ray.cluster_resources()}"
                 time.sleep(0.2)
-        finally:
             ray.shutdown()
-        try:
             yield address
         finally:
-            # The test's connect_ray joined it from this process: leave before the head is killed, or Ray ends
-            # this process once it finds its cluster gone.
+            # Leave before the head is killed (the test's connect_ray joins it from this process): Ray ends a
+            # driver that finds its cluster gone, and here that would be the test process.
             if ray.is_initialized():
                 ray.shutdown()
 
