@@ -7,7 +7,6 @@ import socket
 from typing import Any
 
 import ray
-import torch
 
 from vaegan.config import ConfigError
 
@@ -15,24 +14,27 @@ from . import tracking
 from .config import PipelineConfig
 
 
-def local_resources() -> dict[str, float]:
-    """What a local Ray has: the running one's resources, else what ``connect_ray`` will give a new one,
-    every CPU and every GPU torch sees, so it can be checked before Ray starts."""
+def local_resources(gpus: bool = True) -> dict[str, float]:
+    """What a local Ray has: the running one's resources, else what ``connect_ray`` gives a new one, every CPU
+    and, with ``gpus``, every GPU torch sees, so that a Train run can be checked before Ray starts."""
     if ray.is_initialized():
         return ray.cluster_resources()
+    if not gpus:
+        return {"CPU": os.cpu_count() or 1}
+    # Imported here: a driver whose run needs no GPU never loads torch (2.3 s of `vaegan run`'s start on 2 cores).
+    import torch
     return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
 
 
 def connect_ray(cfg: PipelineConfig | None = None) -> bool:
-    """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine; returns
-    whether the cluster is a local one of fixed size (no autoscaler will add nodes). With ``cfg``, a
-    cluster joined is checked to hold the Train run (``check_fits``) before anything is scheduled."""
+    """Join the cluster named by RAY_ADDRESS, else start a local Ray sized to this machine (Ray finds its
+    GPUs); returns whether the cluster is a local one of fixed size (no autoscaler will add nodes). With
+    ``cfg``, a cluster joined is checked to hold the Train run (``check_fits``) before anything is scheduled."""
     local = not os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return local
     if local:
-        have = local_resources()
-        start_local_ray(num_cpus=int(have["CPU"]), num_gpus=int(have["GPU"]))
+        start_local_ray(num_cpus=int(local_resources(gpus=False)["CPU"]))
     else:
         ray.init(runtime_env={"env_vars": worker_env()})
         if cfg is not None:

@@ -78,7 +78,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, steps: list[str], force: se
     check_data_fits(cfg, steps)
     dag.check_steps(cfg, steps)
     if not os.environ.get("RAY_ADDRESS"):
-        check_fits(cfg, local_resources())
+        check_fits(cfg, local_resources(gpus=cfg.train.use_gpu))
     run_dir.mkdir(parents=True, exist_ok=True)
     with holding_run_dir(run_dir):
         return run_locked(cfg, run_dir, steps, force)

@@ -21,14 +21,19 @@ import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 # torchvision is imported inside the functions that use it: importing it costs 3.5 s on a 2-core box (its
 # package imports torch._dynamo), and every Ray worker that trains imports this module for ``to_float``.
+# torch too (2.3 s): the pipeline's driver finds and checks IDX files (find_idx_dir, check_idx), which
+# needs numpy alone.
 
 DEFAULT_IDX_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
@@ -292,6 +297,7 @@ def make_shapes(n: int, image_size: int, channels: int = 3, seed: int = 0) -> tu
         lab = labels[a:b, None, None]
         mask = np.where(lab == 0, circle, np.where(lab == 1, square, triangle))
         out[a:b] = np.where(mask[:, None], colour[a:b, :, None, None], background[a:b, None, None, None])
+    import torch
     return torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -300,6 +306,7 @@ def make_shapes(n: int, image_size: int, channels: int = 3, seed: int = 0) -> tu
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1]. Refuses other dtypes so nothing is scaled twice."""
+    import torch
     if images.dtype != torch.uint8:
         raise TypeError(f"to_float expects uint8 images, got {images.dtype}")
     return images.to(torch.float32).div_(255.0)

@@ -14,15 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from vaegan.checkpoint import load_checkpoint
-from vaegan.evaluate import evaluate_model
-from vaegan.featnet import load_feature_net
-from vaegan.inference import GenerativeModel
-
 from .. import tracking
 from ..config import EvalConfig, PipelineConfig, flatten
 from ..context import RunContext, StepOutputs
-from ..training import best_checkpoint_state, fit_tracked, with_fitted_prior
 from . import preprocess, train
 
 
@@ -44,6 +38,7 @@ class Outputs(StepOutputs):
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
+    from vaegan.checkpoint import load_checkpoint  # here, not at the top: the driver imports this module
     data = inputs.preprocess
     featnet_path, featnet_name = data.feature_net(cfg.data.data_dir, cfg.eval)
     state = load_checkpoint(inputs.train.checkpoint_path)
@@ -63,6 +58,9 @@ def score_checkpoint(cfg: EvalConfig, state: dict[str, Any], data: preprocess.Ou
                      seed: int, split: str = "test", prior: str = "standard") -> dict[str, float]:
     """Every core metric on ``cfg.num_images`` images of ``split`` (the ELBO gap against the train split),
     samples drawn from ``prior``."""
+    from vaegan.evaluate import evaluate_model
+    from vaegan.featnet import load_feature_net
+    from vaegan.inference import GenerativeModel
     return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(featnet_path),
                           data.images(split, cfg.num_images), iwae_k=cfg.iwae_k, iwae_images=cfg.iwae_images,
                           seed=seed, train_images=data.images("train", cfg.iwae_images), prior=prior)
@@ -70,6 +68,7 @@ def score_checkpoint(cfg: EvalConfig, state: dict[str, Any], data: preprocess.Ou
 
 def baseline_vae(cfg: PipelineConfig, ctx: RunContext, data: preprocess.Outputs, featnet_path: Path) -> dict[str, float]:
     """The plain VAE with the same encoder/decoder, data and budget, scored the same way."""
+    from ..training import best_checkpoint_state, fit_tracked, with_fitted_prior
     vae_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="vae"))
     outcome, run_id = fit_tracked(vae_cfg, ctx, data.path, data.image_shape, featnet_path,
                                   name=f"baseline-vae-{ctx.step_key}", params=flatten(dataclasses.asdict(vae_cfg)))

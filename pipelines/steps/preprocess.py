@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from vaegan.data import to_float
-from vaegan.featnet import feature_net_path, load_or_train_feature_net
 from vaegan.imagerows import read_split
 
 from .. import shards, sources
 from ..config import EvalConfig, PipelineConfig
 from ..context import RunContext, StepOutputs
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass
@@ -60,12 +59,16 @@ class Outputs(StepOutputs):
 
     def images(self, split: str, limit: int = 0) -> torch.Tensor:
         """Up to ``limit`` images of ``split`` (0: all), float32 (N, C, H, W) in [0, 1]."""
+        import torch  # in the method, not at the top: the driver imports this module (see steps/__init__.py)
+        from vaegan.data import to_float
         images, _ = read_split(self.split_dir(split), self.image_shape, limit=limit)
         return to_float(torch.from_numpy(images))
 
     def feature_net(self, data_dir: str, cfg: EvalConfig) -> tuple[Path, str]:
         """The domain feature net of this dataset (path, name): trained on its train split once, then
         cached under ``<data_dir>/featnets`` by the data fingerprint."""
+        import torch
+        from vaegan.featnet import feature_net_path, load_or_train_feature_net
         cache, fingerprint = Path(data_dir) / "featnets", self.manifest["fingerprint"]
         images, labels = read_split(self.split_dir("train"), self.image_shape)
         test_images, test_labels = read_split(self.split_dir("test"), self.image_shape)

@@ -12,20 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from vaegan.checkpoint import CHECKPOINT_NAME
 from vaegan.config import from_dict
-from vaegan.inference import GenerativeModel
 
-from .. import plots, shards, tracking
+from .. import shards, tracking
 from ..config import PipelineConfig, check_batch_fits, flatten, merge
 from ..context import RunContext, StepOutputs
-from ..training import SCORE, best_checkpoint_state, fit_tracked, with_fitted_prior
-from ..worker import save_grids
 from . import preprocess, tune
+
+if TYPE_CHECKING:
+    from vaegan.inference import GenerativeModel
 
 
 @dataclasses.dataclass
@@ -56,6 +53,12 @@ class Outputs(StepOutputs):
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
+    import torch  # here, not at the top: the driver imports this module (see steps/__init__.py)
+    from vaegan.checkpoint import CHECKPOINT_NAME
+    from vaegan.inference import GenerativeModel
+
+    from .. import plots
+    from ..training import SCORE, best_checkpoint_state, fit_tracked, with_fitted_prior
     cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), inputs.tune.overrides))
     data = inputs.preprocess
     check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
@@ -82,9 +85,9 @@ def write_grids(model: GenerativeModel, data: preprocess.Outputs, out: Path, see
                 split: str = "test", prior: str = "standard") -> list[Path]:
     """samples.png (from ``prior``), reconstructions.png and interpolation.png (a latent walk between two of
     the split's images); the split's first 32 images are the fixed set that gets reconstructed."""
-    # The driver imports this module to plan the DAG: torchvision (3.5 s with the torch._dynamo it pulls in)
-    # is imported by the one process that draws.
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # 3.5 s with the torch._dynamo it pulls in: only where it draws
+
+    from ..worker import save_grids
     originals = data.images(split, limit=32)
     save_image(model.interpolate(originals[0], originals[1], steps=10), out / "interpolation.png", nrow=10)
     return [*save_grids(model, originals, out, seed, prior), out / "interpolation.png"]

@@ -11,7 +11,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from tune import sweep
 from tune.space import left_as_given, searchable_keys
 from vaegan.config import ConfigError
 
@@ -65,5 +64,6 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     else:
         check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
     featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
+    from tune import sweep  # Ray Tune and Train: here, not at the top, for the driver imports this module
     outcome = sweep.run(cfg, ctx, data.path, data.image_shape, featnet_path, out)
     return Outputs(enabled=True, folder=str(out), **dataclasses.asdict(outcome))
