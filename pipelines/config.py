@@ -125,6 +125,8 @@ class TuneConfig:
     reduction_factor: int = 2
     train_limit: int = 0  # training rows each trial reads (0 = all)
     seed: int = 0
+    max_concurrent: int = 0  # trials at once; 0: as many as the cluster's CPUs (or GPUs) hold
+    cpus_per_worker: int = 0  # CPUs of each trial's Train workers; 0: train.cpus_per_worker's
     # Keys the YAML file or --set gives are left as given, not searched, unless listed here ("loss.gamma").
     search_keys: list[str] = field(default_factory=list)
 
@@ -135,6 +137,10 @@ class TuneConfig:
                  f"an integer in [1, tune.max_epochs={self.max_epochs}]")
         _require(self.reduction_factor >= 2, "tune.reduction_factor", self.reduction_factor, "an integer >= 2")
         _require(self.train_limit >= 0, "tune.train_limit", self.train_limit, "an integer >= 0")
+        _require(self.max_concurrent >= 0, "tune.max_concurrent", self.max_concurrent,
+                 "an integer >= 0 (0: as many as fit)")
+        _require(self.cpus_per_worker >= 0, "tune.cpus_per_worker", self.cpus_per_worker,
+                 "an integer >= 0 (0: train.cpus_per_worker's)")
         for key in self.search_keys:
             _require(key.count(".") == 1, "tune.search_keys", key, "keys in the --set form, e.g. loss.gamma")
 

@@ -32,8 +32,8 @@ from .context import RunContext
 from .faults import ledger_path, read_ledger
 from .worker import SCORE, TrainJob, train_loop_per_worker
 
-__all__ = ["SCORE", "TrainOutcome", "best_checkpoint_state", "fit", "fit_tracked", "with_fitted_prior",
-           "worker_resources"]
+__all__ = ["SCORE", "TrainOutcome", "best_checkpoint_state", "fit", "fit_tracked", "holds_train_split",
+           "with_fitted_prior", "worker_resources"]
 
 
 # The largest train split (raw pixel bytes) held in the object store for the whole run; 70,000 Fashion-MNIST
@@ -93,12 +93,21 @@ def held_train_split(split_dir: Path, image_shape: list[int], train_limit: int =
     IN_MEMORY_SPLIT_BYTES; else None. A held split goes to the object store once and each worker samples its
     share of every epoch itself (``vaegan.loop.shard_order``): no Ray Data actors to start per run (8 of a
     1-epoch smoke run's 30 seconds of Train start-up on 2 cores) and no Parquet to re-read each epoch."""
-    files = sorted(split_dir.glob("*.parquet"))
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    rows = min(rows, train_limit) if train_limit else rows
-    if rows * math.prod(image_shape) > IN_MEMORY_SPLIT_BYTES:
+    if not holds_train_split(split_dir, image_shape, train_limit):
         return None
-    return read_split(split_dir, image_shape, limit=rows)[0]
+    return read_split(split_dir, image_shape, limit=train_rows(split_dir, train_limit))[0]
+
+
+def train_rows(split_dir: Path, train_limit: int = 0) -> int:
+    """The rows a run trains on: the split's (from the Parquet footers), at most ``train_limit`` when set."""
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(split_dir.glob("*.parquet")))
+    return min(rows, train_limit) if train_limit else rows
+
+
+def holds_train_split(split_dir: Path, image_shape: list[int], train_limit: int = 0) -> bool:
+    """Whether a run holds its train split in the object store (``held_train_split``) rather than streaming it
+    with Ray Data, whose read tasks then need CPUs of their own while the workers train."""
+    return train_rows(split_dir, train_limit) * math.prod(image_shape) <= IN_MEMORY_SPLIT_BYTES
 
 
 def streamed_train_split(cfg: PipelineConfig, split_dir: Path, train_limit: int = 0) -> ray.data.Dataset:

@@ -44,3 +44,24 @@ def test_search_keys_outside_the_space_are_refused(keys, bad):
     with pytest.raises(ConfigError, match=f"'tune.search_keys' has invalid value '{bad}'; allowed: keys the vaegan "
                                           "sweep searches \\(loss.kl_weight, "):
         tune_step.check(cfg)
+
+
+@pytest.mark.parametrize("overrides, resources, streamed, expected", [
+    ([], {"CPU": 2}, False, 2),  # a held split: two 1-CPU trials side by side on 2 cores
+    ([], {"CPU": 2}, True, 1),  # streamed: one CPU stays free for Ray Data's read tasks
+    (["train.cpus_per_worker=2"], {"CPU": 2}, False, 1),
+    (["train.num_workers=2"], {"CPU": 8}, True, 3),
+    (["tune.max_concurrent=1"], {"CPU": 16}, False, 1),  # the user's cap
+    (["train.num_workers=4"], {"CPU": 2}, False, 1),  # never 0: the run's check_fits refuses what cannot fit
+    (["train.use_gpu=true", "train.num_workers=2"], {"CPU": 2, "GPU": 4}, False, 2),
+])
+def test_trials_at_once_fit_the_cluster(overrides, resources, streamed, expected):
+    from tune.sweep import max_concurrent_trials
+    assert max_concurrent_trials(load_config(SMOKE, overrides), resources, streamed) == expected
+
+
+def test_trials_train_with_their_own_epochs_and_cpus():
+    from tune.sweep import trial_train_keys
+    assert trial_train_keys(load_config(SMOKE, ["tune.max_epochs=3"])) == {"epochs": 3}  # train.cpus_per_worker's
+    assert trial_train_keys(load_config(SMOKE, ["tune.cpus_per_worker=1", "train.cpus_per_worker=2"])) == {
+        "epochs": 1, "cpus_per_worker": 1}

@@ -22,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 from pipelines import tracking
 from pipelines.config import PipelineConfig, flatten, merge
 from pipelines.context import RunContext
-from pipelines.training import SCORE, fit_tracked
+from pipelines.training import SCORE, fit_tracked, holds_train_split
 from vaegan.config import from_dict
 
 from .report import trial_rows, write_report
@@ -41,26 +41,37 @@ class SweepOutcome:
     report: list[str]  # file names in the output folder
 
 
-def max_concurrent_trials(cfg: PipelineConfig) -> int:
-    """Trials that fit at once: by GPUs, or by CPUs while one stays free for Ray Data's read tasks
-    (so Data, Tune and Train never wait on each other on a 2-core box)."""
-    resources = ray.cluster_resources()
+def max_concurrent_trials(cfg: PipelineConfig, resources: dict[str, float], streamed: bool) -> int:
+    """Trials that fit at once in ``resources`` (the cluster's), at most ``tune.max_concurrent`` (0: no cap): by
+    GPUs, or by CPUs. Trials whose train split is ``streamed`` by Ray Data leave one CPU free for Data's read
+    tasks, so that Data, Tune and Train never wait on each other; a held split (the usual case) needs none, and
+    on a 2-core box two 1-CPU trials then run side by side (docs/benchmarks.md measures it)."""
     if cfg.train.use_gpu:
-        return max(1, int(resources.get("GPU", 0)) // cfg.train.num_workers)
-    cpus_per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
-    return max(1, (int(resources.get("CPU", 1)) - 1) // cpus_per_trial)
+        fit = int(resources.get("GPU", 0)) // cfg.train.num_workers
+    else:
+        fit = (int(resources.get("CPU", 1)) - int(streamed)) // (cfg.train.num_workers * cfg.train.cpus_per_worker)
+    return max(1, min(fit, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else fit)
+
+
+def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
+    """The train keys a trial sets: its epoch budget, and its workers' CPUs when ``tune.cpus_per_worker`` is set."""
+    keys = {"epochs": cfg.tune.max_epochs}
+    if cfg.tune.cpus_per_worker:
+        keys["cpus_per_worker"] = cfg.tune.cpus_per_worker
+    return keys
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[int], featnet_path: Path,
         out: Path, param_space: dict[str, Any] | None = None) -> SweepOutcome:
     """Run the sweep; ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
     for a grid, with ``tune.num_samples=1``: each grid point then runs once)."""
-    base = merge(dataclasses.asdict(cfg), {"train": {"epochs": cfg.tune.max_epochs}})  # the trials' budget
+    base = merge(dataclasses.asdict(cfg), {"train": trial_train_keys(cfg)})
     kept = left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)
     if kept:
         print(f"[tune] leaving {', '.join(f'{k}={flatten(base)[k]}' for k in kept)} as given; list them in "
               "tune.search_keys to search them", flush=True)
     prefix = f"trial-{ctx.step_key}-"
+    streamed = not holds_train_split(data_dir / "split=train", image_shape, cfg.tune.train_limit)
 
     def trial(overrides: dict[str, Any]) -> None:
         """One trial: a Ray Train run of the config with this trial's overrides."""
@@ -79,7 +90,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
             scheduler=ASHAScheduler(max_t=cfg.tune.max_epochs, grace_period=cfg.tune.grace_period,
                                     reduction_factor=cfg.tune.reduction_factor),
             search_alg=ray_tune.search.BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                             max_concurrent=max_concurrent_trials(cfg))),
+                                                             max_concurrent=max_concurrent_trials(
+                                                                 from_dict(PipelineConfig, base),
+                                                                 ray.cluster_resources(), streamed))),
         run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=str(Path(ctx.run_dir) / "ray"),
                                       verbose=1),
     )
