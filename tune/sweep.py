@@ -65,7 +65,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
         out: Path, param_space: dict[str, Any] | None = None) -> SweepOutcome:
     """Run the sweep; ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
     for a grid, with ``tune.num_samples=1``: each grid point then runs once)."""
-    base = merge(dataclasses.asdict(cfg), {"train": trial_train_keys(cfg)})
+    trial_base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **trial_train_keys(cfg)))
+    base = dataclasses.asdict(trial_base)
     kept = left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)
     if kept:
         print(f"[tune] leaving {', '.join(f'{k}={flatten(base)[k]}' for k in kept)} as given; list them in "
@@ -91,8 +92,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
                                     reduction_factor=cfg.tune.reduction_factor),
             search_alg=ray_tune.search.BasicVariantGenerator(random_state=cfg.tune.seed,
                                                              max_concurrent=max_concurrent_trials(
-                                                                 from_dict(PipelineConfig, base),
-                                                                 ray.cluster_resources(), streamed))),
+                                                                 trial_base, ray.cluster_resources(), streamed))),
         run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=str(Path(ctx.run_dir) / "ray"),
                                       verbose=1),
     )
