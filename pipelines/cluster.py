@@ -14,7 +14,7 @@ from . import tracking
 from .config import PipelineConfig
 
 
-def local_resources(gpus: bool = True) -> dict[str, float]:
+def local_resources(*, gpus: bool) -> dict[str, float]:
     """What a local Ray has: the running one's resources, else what ``connect_ray`` gives a new one, every CPU
     and, with ``gpus``, every GPU torch sees, so that a Train run can be checked before Ray starts."""
     if ray.is_initialized():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.steps import STEPS
+
 REPO = Path(__file__).resolve().parents[1]
 VAEGAN_MODULES = [p.stem for p in (REPO / "vaegan").glob("*.py") if p.stem != "__init__"]
 
@@ -38,5 +40,5 @@ def test_what_tune_imports_from_pipelines_does_not_import_tune(module):
 def test_the_driver_plans_and_checks_a_run_without_torch():
     """A `vaegan run` driver imports every step module to plan the DAG, and reads IDX headers to check the
     data, but trains nothing: torch, torchvision and matplotlib (~4 s of its start on 2 cores) stay out."""
-    steps = [f"pipelines.steps.{name}" for name in ("preprocess", "tune", "train", "evaluate", "register")]
+    steps = [f"pipelines.steps.{name}" for name in STEPS]
     assert loaded_after(["pipelines.pipeline", "vaegan.data", *steps], ("torch", "torchvision", "matplotlib")) == []
