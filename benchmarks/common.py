@@ -150,7 +150,7 @@ class PreparedData:
 
     dir: Path
     manifest: dict[str, Any]
-    featnet_path: Path
+    featnet_path: str
     featnet_name: str
 
     @property
@@ -181,8 +181,8 @@ def load_prepared(cfg, pre_dir: Path) -> PreparedData:
     """A finished preprocess step folder and its feature net (loaded from the cache, or trained once)."""
     from pipelines.context import read_outputs
     from pipelines.steps import preprocess
-    outputs = read_outputs(preprocess.Outputs, pre_dir)
-    featnet_path, featnet_name = outputs.feature_net(cfg.data.data_dir, cfg.eval)
+    outputs = read_outputs(preprocess.Outputs, str(pre_dir))
+    featnet_path, featnet_name = outputs.feature_net(str(Path(cfg.data.data_dir) / "featnets"), cfg.eval)
     return PreparedData(pre_dir, outputs.manifest, featnet_path, featnet_name)
 
 
@@ -190,7 +190,7 @@ def load_pipeline_config(path: Path | str, overrides: list[str]):
     """``vaegan run``'s config loading, with data paths made absolute (Ray workers run elsewhere)."""
     from pipelines.config import load_config
     from pipelines.pipeline import with_absolute_paths
-    return with_absolute_paths(load_config(path, overrides))
+    return with_absolute_paths(load_config(path, overrides), run_dir="")
 
 
 # -- the pythae peer ---------------------------------------------------------------------------------

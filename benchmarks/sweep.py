@@ -71,7 +71,7 @@ def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict,
     from tune import sweep
     out.mkdir(parents=True)
     start = time.perf_counter()
-    outcome = sweep.run(cfg, replace(ctx, step_key=name), data.dir, data.image_shape, data.featnet_path, out,
+    outcome = sweep.run(cfg, replace(ctx, step_key=name), str(data.dir), data.image_shape, data.featnet_path, out,
                         param_space=param_space)
     seconds = time.perf_counter() - start
     with open(out / "trials.csv", newline="") as f:

@@ -105,8 +105,8 @@ def ray_train(cfg, data: common.PreparedData, workers: int, images: int, storage
     cpus = max(1, (os.cpu_count() or 1) // workers)
     run_cfg = replace(cfg, train=replace(cfg.train, num_workers=workers, cpus_per_worker=cpus))
     start = time.perf_counter()
-    result = training.fit(run_cfg, data.dir, data.image_shape, data.featnet_path, name=f"throughput-{workers}w",
-                          storage=storage, train_limit=images).result
+    result = training.fit(run_cfg, str(data.dir), data.image_shape, data.featnet_path, name=f"throughput-{workers}w",
+                          storage=str(storage), train_limit=images).result
     wall = time.perf_counter() - start
     history = checkpointed_history(result)
     trained = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)

@@ -17,6 +17,7 @@ C = 1, 3 or 4 last or (C, H, W) with C = 3 or 4 first, is refused as ambiguous: 
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -43,8 +44,19 @@ class PullError(UserError):
     """A model or input the user named cannot be used; the message says which and why."""
 
 
+def download_through_the_server() -> None:
+    """Make MLflow fetch artifacts through the tracking server rather than from the bucket behind it.
+
+    A server with ``--artifacts-destination s3://…`` advertises presigned downloads, and MLflow 3's client
+    then fetches every file straight from the bucket: a puller needs the bucket's endpoint and network reach,
+    and an S3-compatible store that mishandles presigned URLs stalls each file for a minute of retries. Through
+    the server, anyone who reaches the server can pull. A value the user set is left alone."""
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+
+
 def load_model(model_uri: str) -> PyFuncModel:
     """The registered vaegan pyfunc behind ``model_uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ...)."""
+    download_through_the_server()
     try:
         with warnings.catch_warnings():
             # MLflow advises type hints on predict() (the logged signature already types the model) under

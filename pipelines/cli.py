@@ -59,13 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=_steps, default=list(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     run.add_argument("--force", type=_steps, action="append", default=[], metavar="STEP",
                      help="rerun STEP and everything after it even if cached")
-    run.add_argument("--run-dir", type=Path, help="run folder (default runs/<config name>)")
+    run.add_argument("--run-dir", help="run folder: a path, or s3://BUCKET/PREFIX or gs://… on object storage "
+                     "(default runs/<config name>)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sweep = verbs.add_parser("sweep", help="preprocess + the Tune sweep of a config; writes the sweep report")
     sweep.add_argument("--config", required=True, help="YAML config; its tune section is the budget")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sweep.add_argument("--run-dir", type=Path, help="run folder (default runs/<config name>)")
+    sweep.add_argument("--run-dir", help="run folder, a path or an s3:// or gs:// URI (default runs/<config name>)")
     sweep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add_evaluate_verb(verbs)
     add_pull_verbs(verbs)
@@ -149,21 +150,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
     from .pipeline import run_pipeline
-    run_dir = args.run_dir or Path("runs") / cfg.name
-    summary = run_pipeline(cfg, run_dir, args.steps, forced)
+    from .store import join
+    summary = run_pipeline(cfg, args.run_dir or str(Path("runs") / cfg.name), args.steps, forced)
     print(json.dumps(summary, indent=2))
-    print(f"summary: {run_dir / 'summary.json'}")
+    print(f"summary: {join(summary['run_dir'], 'summary.json')}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, "tune.enabled=true"])
     from .pipeline import run_pipeline
-    run_dir = args.run_dir or Path("runs") / cfg.name
-    summary = run_pipeline(cfg, run_dir, ["preprocess", "tune"], set())
-    tune_dir = run_dir / f"tune-{summary['steps']['tune']['key']}"
+    from .store import join
+    summary = run_pipeline(cfg, args.run_dir or str(Path("runs") / cfg.name), ["preprocess", "tune"], set())
+    tune_dir = join(summary["run_dir"], f"tune-{summary['steps']['tune']['key']}")
     print(json.dumps(summary["steps"], indent=2))
-    print(f"sweep report: {tune_dir / 'trials.md'} {tune_dir / 'trials.csv'} {tune_dir / 'trials.png'}")
+    print(f"sweep report: {' '.join(join(tune_dir, name) for name in ('trials.md', 'trials.csv', 'trials.png'))}")
     return 0
 
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import store
+
 OUTPUTS_FILE = "outputs.json"  # written last into a step's folder: its presence is what "complete" means
 
 
@@ -18,23 +20,29 @@ class RunContext:
     """The pipeline run a step belongs to; ``step_key`` is the running step's cache key (it names the
     Ray Train and MLflow runs the step starts, so a rerun of the same key resumes them)."""
 
-    run_dir: str
+    run_dir: str  # a local folder or an object-storage URI (``pipelines/store.py``)
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
     step_key: str = ""
 
+    def featnet_cache(self, data_dir: str) -> str:
+        """Where the run's feature nets are cached: beside the data for a local run (every run of that data
+        shares them), under the run's URI on object storage (where every node reaches it)."""
+        return store.join(self.run_dir, "featnets") if store.is_remote(self.run_dir) else store.join(data_dir, "featnets")
+
 
 @dataclasses.dataclass(kw_only=True)
 class StepOutputs:
     """Base of every step's outputs: JSON-able fields, plus the folder the step wrote its files into
-    (set when the outputs are read back, never stored: a run folder may move)."""
+    (set when the outputs are read back, never stored: a run folder may move), a local path or a URI."""
 
     folder: str = ""
 
     @property
     def path(self) -> Path:
-        return Path(self.folder)
+        """The folder's files on this machine: the folder itself, or a copy of it downloaded from object storage."""
+        return store.local_view(self.folder)
 
     def to_json(self) -> str:
         fields = dataclasses.asdict(self)
@@ -45,10 +53,10 @@ class StepOutputs:
 O = TypeVar("O", bound=StepOutputs)
 
 
-def read_outputs(cls: type[O], folder: Path) -> O:
-    """The outputs a complete step folder holds (``OUTPUTS_FILE``), as the step's own dataclass."""
-    fields: dict[str, Any] = json.loads((folder / OUTPUTS_FILE).read_text())
-    return cls(**fields, folder=str(folder))
+def read_outputs(cls: type[O], folder: str) -> O:
+    """The outputs a complete step folder (path or URI) holds (``OUTPUTS_FILE``), as the step's own dataclass."""
+    fields: dict[str, Any] = json.loads(store.read_text(store.join(folder, OUTPUTS_FILE)))
+    return cls(**fields, folder=folder)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,10 @@
 Each step is a Ray task node (``execute_step.bind(...)``) whose upstream nodes are its arguments;
 ``dag.execute()`` runs the graph on the cluster. A step's outputs live in ``<run dir>/<step>-<key>/``,
 where the key hashes the config sections the step declares (``CACHE_KEY``) and its upstream steps' keys.
-They are written into a hidden temporary folder and renamed when complete, so a rerun skips every step
-whose folder exists (``cached``) and an interrupted pipeline resumes where it stopped.
+A step counts as complete when its manifest (``outputs.json``) is there, so a rerun skips every complete
+step (``cached``) and an interrupted pipeline resumes where it stopped. In a local run folder the step
+writes into a hidden temporary folder, renamed when complete; on object storage, which has no rename, it
+writes into a local temporary folder that is uploaded, manifest last (``publish_remote``).
 
 Run it:  ``vaegan run --config pipelines/configs/default.yaml``
 """
@@ -14,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -26,6 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vaegan.config import ConfigError, from_dict
 
+from . import store
 from .config import PipelineConfig, stable_hash
 from .context import OUTPUTS_FILE, RunContext, StepResult, read_outputs
 from .steps import STEPS
@@ -83,7 +87,7 @@ def remove_stale_partials(run_dir: Path) -> list[Path]:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` visible as ``final`` in one rename, replacing an older ``final`` (a forced rerun)."""
+    """Make the local ``tmp`` visible as ``final`` in one rename, replacing an older ``final`` (a forced rerun)."""
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         final.rename(trash)
@@ -93,9 +97,32 @@ def publish(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def cached_result(name: str, key: str, final: Path) -> StepResult | None:
-    """The step's result from its complete folder ``final``, or None when it has none."""
-    if not final.is_dir():
+def publish_remote(tmp: Path, final: str) -> None:
+    """Upload the local ``tmp`` to the object-storage prefix ``final``, its manifest last. An older ``final``
+    (a forced rerun, or a folder a killed run half wrote) loses its manifest first, so at every moment the
+    prefix is either complete or not a step's output at all."""
+    store.delete(store.join(final, OUTPUTS_FILE))
+    store.delete(final)
+    manifest = (tmp / OUTPUTS_FILE).read_text()
+    (tmp / OUTPUTS_FILE).unlink()
+    store.upload(tmp, final)
+    store.write_text(store.join(final, OUTPUTS_FILE), manifest)
+
+
+def step_folders(run_dir: str, name: str, key: str) -> tuple[str, Path]:
+    """Where step ``name`` with ``key`` publishes its outputs, and a new empty local folder to write them into
+    first: hidden beside it in a local run folder (one rename publishes it), a temporary one otherwise."""
+    final = store.join(run_dir, f"{name}-{key}")
+    if store.is_remote(run_dir):
+        return final, Path(tempfile.mkdtemp(prefix=f"vaegan-{name}-"))
+    tmp = Path(run_dir) / f".{name}-{key}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return final, tmp
+
+
+def cached_result(name: str, key: str, final: str) -> StepResult | None:
+    """The step's result from its complete folder ``final`` (path or URI), or None when it has none."""
+    if not store.exists(store.join(final, OUTPUTS_FILE)):
         return None
     return StepResult(name, key, "cached", 0.0, read_outputs(step_module(name).Outputs, final))
 
@@ -109,7 +136,7 @@ def all_cached(cfg: PipelineConfig, ctx: RunContext, selected: list[str],
     results: dict[str, StepResult] = {}
     for name in STEPS[: max(STEPS.index(s) for s in selected) + 1]:
         key = step_key(name, cfg, ctx, {up: results[up] for up in upstream_of(name)})
-        cached = cached_result(name, key, Path(ctx.run_dir) / f"{name}-{key}")
+        cached = cached_result(name, key, store.join(ctx.run_dir, f"{name}-{key}"))
         if cached is None:
             return None
         results[name] = cached
@@ -125,7 +152,7 @@ def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: b
     results = {n: result for up in upstream for n, result in up.items()}
     ups = {n: results[n] for n in upstream_of(name)}
     key = step_key(name, cfg, ctx, ups)
-    final = Path(ctx.run_dir) / f"{name}-{key}"
+    final = store.join(ctx.run_dir, f"{name}-{key}")
     cached = None if force else cached_result(name, key, final)
     if cached is not None:
         results[name] = cached
@@ -133,20 +160,22 @@ def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: b
     if not run_it:
         raise ConfigError(f"step '{name}' has no complete outputs for this config in {ctx.run_dir}; "
                           f"add it to --steps (allowed: {', '.join(STEPS)})")
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    final, tmp = step_folders(ctx.run_dir, name, key)
     start = time.perf_counter()
     try:
         print(f"[dag] step {name} ({key}) started", flush=True)
         inputs = step.Inputs(**{n: result.outputs for n, result in ups.items()})
         outputs = step.run(cfg, dataclasses.replace(ctx, step_key=key), inputs, tmp)
         (tmp / OUTPUTS_FILE).write_text(outputs.to_json())  # last: the folder is complete once this exists
-        publish(tmp, final)
+        if store.is_remote(final):
+            publish_remote(tmp, final)
+        else:
+            publish(tmp, Path(final))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     print(f"[dag] step {name} ({key}) finished in {seconds:.1f}s", flush=True)
-    results[name] = StepResult(name, key, "ran", seconds, dataclasses.replace(outputs, folder=str(final)))
+    results[name] = StepResult(name, key, "ran", seconds, dataclasses.replace(outputs, folder=final))
     return results
 
 
@@ -157,11 +186,13 @@ def build_dag(cfg: PipelineConfig, ctx: RunContext, selected: list[str], forced:
     """
     last = max(STEPS.index(s) for s in selected)
     first_forced = min((STEPS.index(s) for s in forced), default=len(STEPS))
-    # Steps write their folders on the driver's node: the run folder is a local path there.
-    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # A local run folder is a path on the driver's node, so its steps run there; on object storage a step may
+    # run on any node.
+    placement = {} if store.is_remote(ctx.run_dir) else {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}
     nodes: dict[str, Any] = {}
     for index, name in enumerate(STEPS[: last + 1]):
-        nodes[name] = execute_step.options(scheduling_strategy=driver_node, name=f"step:{name}").bind(
+        nodes[name] = execute_step.options(name=f"step:{name}", **placement).bind(
             name, dataclasses.asdict(cfg), ctx, name in selected, index >= first_forced,
             *(nodes[up] for up in upstream_of(name)))
     return nodes[STEPS[last]]

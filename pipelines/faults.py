@@ -13,27 +13,26 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-from vaegan.atomic import write_json
+from . import store
 
 WRITE_INTERVAL_S = 1.0
 
 
-def ledger_path(storage: Path, name: str) -> Path:
-    """Where training run ``name``'s ledger lives (Ray owns the folder named ``name`` itself)."""
-    return storage / f"{name}.progress.json"
+def ledger_path(storage: str, name: str) -> str:
+    """Where training run ``name``'s ledger lives (Ray owns the folder named ``name`` itself): a path or URI."""
+    return store.join(storage, f"{name}.progress.json")
 
 
-def read_ledger(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_ledger(path: str) -> dict[str, Any]:
+    return json.loads(store.read_text(path)) if store.exists(path) else {}
 
 
 class FaultLedger:
     """How often this training run was restarted and how many steps it had to redo; see the module doc."""
 
-    def __init__(self, path: Path, resumed_step: int, writer: bool):
+    def __init__(self, path: str, resumed_step: int, writer: bool):
         self.path, self.writer = path, writer
         last = read_ledger(path)
         if not last:
@@ -66,9 +65,10 @@ class FaultLedger:
 
     def write(self) -> None:
         if self.writer:
-            # No fsync: surviving a killed process is the point, not a machine crash.
-            write_json(self.path, {"step": self.step, "time": time.time(), **self.totals,
-                                   "mlflow_unsent": self.unsent, "diverged": self.diverged}, durable=False)
+            # Not fsynced: surviving a killed process is the point, not a machine crash.
+            store.write_text(self.path, json.dumps({"step": self.step, "time": time.time(), **self.totals,
+                                                    "mlflow_unsent": self.unsent, "diverged": self.diverged}),
+                             durable=False)
         self.written_at = time.monotonic()
 
     def metrics(self) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from deploy.pull import PullError
+from deploy.pull import PullError, download_through_the_server
 from vaegan.atomic import write_json
 from vaegan.checkpoint import CHECKPOINT_NAME, config_of, load_checkpoint
 from vaegan.config import ConfigError, from_dict
@@ -55,6 +55,7 @@ class EvaluateRequest:
 
 def download_checkpoint(model_uri: str, dst: Path) -> dict[str, Any]:
     """The registered model's weights (``torch.load(weights_only=True)``), without running its code."""
+    download_through_the_server()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as err:
@@ -127,8 +128,8 @@ def evaluate(request: EvaluateRequest) -> dict[str, Any]:
     if counts.get(request.split, 0) < shards.MIN_SPLIT_ROWS:  # precision/recall's k-NN needs more than k=3
         raise ConfigError(f"--split {request.split!r} has {counts.get(request.split, 0)} images in {data.path} "
                           f"(counts: {counts}); allowed: a split of at least {shards.MIN_SPLIT_ROWS} images")
-    featnet_path, featnet_name = data.feature_net(cfg.data.data_dir, cfg.eval)
-    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=request.seed, split=request.split,
+    featnet, featnet_name = data.feature_net(str(Path(cfg.data.data_dir) / "featnets"), cfg.eval)
+    scores = score_checkpoint(cfg.eval, state, data, featnet, seed=request.seed, split=request.split,
                               prior=request.prior)
     pngs = write_grids(model, data, request.out, seed=request.seed, split=request.split, prior=request.prior)
     history = json.loads(state.get("history", "[]"))

@@ -28,6 +28,8 @@ from mlflow.tracking import MlflowClient
 from vaegan.atomic import write_json
 from vaegan.errors import UserError
 
+from . import store
+
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -59,16 +61,23 @@ def names_an_unreachable_server(call: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def resolve_tracking_uri(configured: str, run_dir: Path) -> str:
-    """The tracking URI (``configured``, else MLFLOW_TRACKING_URI, else sqlite in the run folder), without
-    credentials in it.
+def resolve_tracking_uri(configured: str, run_dir: str) -> str:
+    """The tracking URI (``configured``, else MLFLOW_TRACKING_URI, else sqlite in a local run folder), without
+    credentials in it. A run folder on object storage cannot hold sqlite: it needs a tracking server.
 
     A ``user:password@`` in an http(s) URI moves to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD,
     MLflow's own way to authenticate, which every client of this process and of the local Ray it starts
     reads. The URI travels on into summary.json, Ray task arguments, Train's config and MLflow's "View run"
     lines, and a configured ``register.tracking_uri`` into the run's params, so both keep only the host.
     """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if store.is_remote(run_dir):
+        if urllib.parse.urlsplit(uri).scheme not in ("http", "https", "databricks"):
+            raise TrackingError(f"--run-dir {run_dir} is on object storage, where MLflow's sqlite store cannot live, "
+                                f"and the tracking URI is {uri or 'unset'!r}; allowed: MLFLOW_TRACKING_URI (or "
+                                "register.tracking_uri) naming a tracking server, e.g. http://mlflow:5000")
+    elif not uri:
+        uri = f"sqlite:///{Path(run_dir, 'mlflow.db').resolve()}"
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
         return uri
@@ -84,14 +93,14 @@ def resolve_tracking_uri(configured: str, run_dir: Path) -> str:
     return bare
 
 
-def ensure_experiment(uri: str, name: str, run_dir: Path) -> str:
+def ensure_experiment(uri: str, name: str, run_dir: str) -> str:
     """The experiment's id, creating it (with artifacts under the run folder for local stores)."""
     mlflow_client = client(uri)
     try:
         experiment = mlflow_client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = (run_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        location = Path(run_dir, "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception as err:  # the client raises many kinds; all mean "cannot use the store"
         raise TrackingError(_refusal(uri, name, err)) from err

@@ -7,7 +7,9 @@ latest checkpoint in Ray's storage. The train step, its baseline VAE and every T
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from vaegan.inference import GenerativeModel
 from vaegan.metrics import posterior_means
 from vaegan.prior import fit_gaussian_mixture
 
-from . import tracking
+from . import store, tracking
 from .config import PipelineConfig
 from .context import RunContext
 from .faults import ledger_path, read_ledger
@@ -56,36 +58,49 @@ def worker_resources(cfg: PipelineConfig) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
 
 
-def fit(cfg: PipelineConfig, data_dir: Path, image_shape: list[int], featnet_path: Path, *, name: str,
-        storage: Path, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
+def fit(cfg: PipelineConfig, data: str, image_shape: list[int], featnet: str, *, name: str,
+        storage: str, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
         callbacks: list | None = None) -> TrainOutcome:
-    """One Ray Train run; rerunning with the same ``name`` and ``storage`` resumes from its latest checkpoint."""
-    held = held_train_split(data_dir / "split=train", image_shape, train_limit)
+    """One Ray Train run over the preprocess folder ``data``; rerunning with the same ``name`` and ``storage``
+    resumes from its latest checkpoint. ``data``, ``featnet`` and ``storage`` are paths or URIs (``store``)."""
+    held = held_train_split(store.local_view(data) / "split=train", image_shape, train_limit)
     ledger = ledger_path(storage, name)
-    job = TrainJob(config=dataclasses.asdict(cfg), data_dir=str(data_dir), image_shape=list(image_shape),
-                   featnet_path=str(featnet_path), ledger_path=str(ledger), tracking_uri=tracking_uri,
-                   mlflow_run_id=mlflow_run_id, mlflow_spool=str(storage / f"{name}.mlflow-unsent"),
+    job = TrainJob(config=dataclasses.asdict(cfg), data_dir=data, image_shape=list(image_shape),
+                   featnet_path=featnet, ledger_path=ledger, tracking_uri=tracking_uri,
+                   mlflow_run_id=mlflow_run_id, mlflow_spool=mlflow_spool(storage, name),
                    images=None if held is None else ray.put(held))
+    fs, storage_path = store.filesystem(storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=vars(job),  # not asdict(), which deep-copies: the ObjectRef must travel as itself
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
-            name=name, storage_path=str(storage), callbacks=callbacks,
+            name=name, storage_path=storage_path, storage_filesystem=fs, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep,
                                                checkpoint_score_attribute=SCORE, checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets=None if held is not None else {"train": streamed_train_split(cfg, data_dir / "split=train", train_limit)},
+        datasets=None if held is not None else {"train": streamed_train_split(cfg, store.join(data, "split=train"),
+                                                                                 train_limit)},
     )
     result = trainer.fit()
     record = read_ledger(ledger)
     if record.get("diverged"):
         # Consumed: a rerun (e.g. with lower learning rates) must not be failed by this run's verdict.
-        ledger.unlink()
+        store.delete(ledger)
         raise NonFiniteLossError(record["diverged"])
     return TrainOutcome(result=result, mlflow_unsent=int(record.get("mlflow_unsent", 0)),
                         faults={k: record[k] for k in ("restarts", "steps_redone", "recovery_seconds") if k in record})
+
+
+def mlflow_spool(storage: str, name: str) -> str:
+    """Where a run's workers keep the MLflow calls an outage holds back: beside its checkpoints in a local
+    storage folder; in the node's temporary folder when storage is object storage, since the spool is a
+    folder of files that is appended to and replayed, which object storage does not do."""
+    if not store.is_remote(storage):
+        return store.join(storage, f"{name}.mlflow-unsent")
+    tag = hashlib.sha1(storage.encode()).hexdigest()[:12]
+    return str(Path(tempfile.gettempdir(), "vaegan-mlflow-unsent", tag, name))
 
 
 def held_train_split(split_dir: Path, image_shape: list[int], train_limit: int = 0) -> np.ndarray | None:
@@ -110,11 +125,12 @@ def holds_train_split(split_dir: Path, image_shape: list[int], train_limit: int 
     return train_rows(split_dir, train_limit) * math.prod(image_shape) <= IN_MEMORY_SPLIT_BYTES
 
 
-def streamed_train_split(cfg: PipelineConfig, split_dir: Path, train_limit: int = 0) -> ray.data.Dataset:
+def streamed_train_split(cfg: PipelineConfig, split_dir: str, train_limit: int = 0) -> ray.data.Dataset:
     """A large train split as a Ray Dataset streamed from Parquet, its rows in no fixed order (a limit takes as
     many rows, from any file); each worker iterates its ``get_dataset_shard``, one execution per epoch with its
     blocks in a new order each time (seeded by ``train.seed``), and mixes the rows (``worker.streamed_epoch``)."""
-    dataset = ray.data.read_parquet(str(split_dir)).select_columns(["image"])  # projected into the read
+    fs, path = store.filesystem(split_dir)  # read where it lives: each read task fetches its own files
+    dataset = ray.data.read_parquet(path, filesystem=fs).select_columns(["image"])  # projected into the read
     if train_limit:
         dataset = dataset.limit(train_limit)
     dataset = dataset.randomize_block_order(seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
@@ -127,7 +143,7 @@ def streamed_train_split(cfg: PipelineConfig, split_dir: Path, train_limit: int 
     return dataset
 
 
-def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[int], featnet_path: Path,
+def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int], featnet: str,
                 *, name: str, params: dict[str, Any], train_limit: int = 0, callbacks: list | None = None,
                 status_on_error: str | None = "FAILED") -> tuple[TrainOutcome, str]:
     """``fit`` inside a new MLflow child run of the pipeline's run; returns the outcome and the run id,
@@ -136,7 +152,7 @@ def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shap
     run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment_id, name, ctx.parent_run_id, params=params,
                                 run_dir=ctx.run_dir)
     try:
-        outcome = fit(cfg, data_dir, image_shape, featnet_path, name=name, storage=Path(ctx.run_dir) / "ray",
+        outcome = fit(cfg, data, image_shape, featnet, name=name, storage=store.join(ctx.run_dir, "ray"),
                       tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id, train_limit=train_limit,
                       callbacks=callbacks)
     except BaseException:

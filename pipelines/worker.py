@@ -37,6 +37,7 @@ from vaegan.loop import epoch_log_line, shard_order, tensor_batches, train_epoch
 from vaegan.nets import build_nets
 from vaegan.step import VAEGANTrainer
 
+from . import store
 from .config import PipelineConfig
 from .faults import FaultLedger
 from .tracking import BufferedRunLogger
@@ -49,10 +50,10 @@ class TrainJob:
     """Everything a worker needs, sent across the Ray boundary as a plain dict."""
 
     config: dict[str, Any]
-    data_dir: str
+    data_dir: str  # the preprocess step's folder: a path or an object-storage URI (``pipelines/store.py``)
     image_shape: list[int]
-    featnet_path: str
-    ledger_path: str
+    featnet_path: str  # a path or URI
+    ledger_path: str  # a path or URI
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     mlflow_spool: str = ""  # where rank 0 keeps what an MLflow outage holds back (BufferedRunLogger)
@@ -71,7 +72,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
         enc, dec, dis = (ddp(m, device) for m in (enc, dec, dis))
     trainer = VAEGANTrainer(cfg.core(), enc, dec, dis)
     start_epoch, history = resume(trainer)
-    ledger = FaultLedger(Path(job.ledger_path), trainer.step, writer=rank == 0)
+    ledger = FaultLedger(job.ledger_path, trainer.step, writer=rank == 0)
     torch.manual_seed(cfg.train.seed + 1000 * rank + start_epoch)  # different noise per rank
     validation = Validation(job, cfg)
     logger = BufferedRunLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0,
@@ -222,9 +223,10 @@ class Validation:
     """Per-epoch held-out figures: ELBO on validation images and a small-sample domain FID."""
 
     def __init__(self, job: TrainJob, cfg: PipelineConfig):
-        images, _ = read_split(Path(job.data_dir) / "split=val", job.image_shape, limit=cfg.train.val_images)
+        images, _ = read_split(store.local_view(job.data_dir) / "split=val", job.image_shape,
+                               limit=cfg.train.val_images)
         self.images = to_float(torch.from_numpy(images))
-        self.featnet = load_feature_net(job.featnet_path)
+        self.featnet = load_feature_net(store.local_view(job.featnet_path))
         self.seed = cfg.train.seed
 
     def run(self, model: GenerativeModel) -> dict[str, float]:

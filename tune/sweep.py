@@ -5,7 +5,7 @@ retried trial resumes from its own checkpoints. Trials are chosen by the validat
 (``val/fid``, lower is better), the same score that picks checkpoints and moves the registry alias.
 The report (``report.py``) lands in the calling step's folder.
 
-    outcome = sweep.run(cfg, ctx, data, featnet_path, out)   # ctx.step_key names the trials
+    outcome = sweep.run(cfg, ctx, data_folder, image_shape, featnet, out)  # ctx.step_key names the trials
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from pipelines import tracking
+from pipelines import store, tracking
 from pipelines.config import PipelineConfig, flatten, merge
 from pipelines.context import RunContext
 from pipelines.training import SCORE, fit_tracked, holds_train_split
@@ -61,9 +61,9 @@ def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
     return keys
 
 
-def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[int], featnet_path: Path,
+def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int], featnet: str,
         out: Path, param_space: dict[str, Any] | None = None) -> SweepOutcome:
-    """Run the sweep; ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
+    """Run the sweep over the preprocess folder ``data`` (a path or URI, as is ``featnet``); ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
     for a grid, with ``tune.num_samples=1``: each grid point then runs once)."""
     trial_base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **trial_train_keys(cfg)))
     base = dataclasses.asdict(trial_base)
@@ -72,15 +72,16 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
         print(f"[tune] leaving {', '.join(f'{k}={flatten(base)[k]}' for k in kept)} as given; list them in "
               "tune.search_keys to search them", flush=True)
     prefix = f"trial-{ctx.step_key}-"
-    streamed = not holds_train_split(data_dir / "split=train", image_shape, cfg.tune.train_limit)
+    streamed = not holds_train_split(store.local_view(data) / "split=train", image_shape, cfg.tune.train_limit)
 
     def trial(overrides: dict[str, Any]) -> None:
         """One trial: a Ray Train run of the config with this trial's overrides."""
         trial_cfg = from_dict(PipelineConfig, merge(base, overrides))
-        fit_tracked(trial_cfg, ctx, data_dir, image_shape, featnet_path,
+        fit_tracked(trial_cfg, ctx, data, image_shape, featnet,
                     name=prefix + ray_tune.get_context().get_trial_id(), params=flatten(overrides),
                     train_limit=cfg.tune.train_limit, callbacks=[TuneReportCallback()], status_on_error=None)
 
+    storage_fs, storage_path = store.filesystem(store.join(ctx.run_dir, "ray"))
     tuner = ray_tune.Tuner(
         # A trial only drives its Train run, so it must hold no CPU (an actor never lends its CPU back while it
         # waits); Tune refuses an empty request, so it asks for a little memory instead.
@@ -93,8 +94,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, data_dir: Path, image_shape: list[
             search_alg=ray_tune.search.BasicVariantGenerator(random_state=cfg.tune.seed,
                                                              max_concurrent=max_concurrent_trials(
                                                                  trial_base, ray.cluster_resources(), streamed))),
-        run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=str(Path(ctx.run_dir) / "ray"),
-                                      verbose=1),
+        run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=storage_path,
+                                      storage_filesystem=storage_fs, verbose=1),
     )
     results = tuner.fit()
     # Trial runs are closed here, by Tune's verdict, rather than by the trials themselves: Tune tears a trial

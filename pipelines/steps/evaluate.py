@@ -40,12 +40,12 @@ class Outputs(StepOutputs):
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:
     from vaegan.checkpoint import load_checkpoint  # here, not at the top: the driver imports this module
     data = inputs.preprocess
-    featnet_path, featnet_name = data.feature_net(cfg.data.data_dir, cfg.eval)
+    featnet, featnet_name = data.feature_net(ctx.featnet_cache(cfg.data.data_dir), cfg.eval)
     state = load_checkpoint(inputs.train.checkpoint_path)
-    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=cfg.train.seed)
+    scores = score_checkpoint(cfg.eval, state, data, featnet, seed=cfg.train.seed)
     outputs = Outputs(metrics=scores, feature_net=featnet_name, num_images=cfg.eval.num_images, folder=str(out))
     if cfg.eval.baseline_vae:
-        outputs.baseline_vae = baseline_vae(inputs.train.trained_config(), ctx, data, featnet_path)
+        outputs.baseline_vae = baseline_vae(inputs.train.trained_config(), ctx, data, featnet)
     print(f"[evaluate] test metrics ({featnet_name}): "
           + " ".join(f"{k}={v:.4g}" for k, v in scores.items()), flush=True)
     (out / "metrics.json").write_text(outputs.to_json())
@@ -54,26 +54,27 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     return outputs
 
 
-def score_checkpoint(cfg: EvalConfig, state: dict[str, Any], data: preprocess.Outputs, featnet_path: Path,
+def score_checkpoint(cfg: EvalConfig, state: dict[str, Any], data: preprocess.Outputs, featnet: str,
                      seed: int, split: str = "test", prior: str = "standard") -> dict[str, float]:
     """Every core metric on ``cfg.num_images`` images of ``split`` (the ELBO gap against the train split),
-    samples drawn from ``prior``."""
+    samples drawn from ``prior``; ``featnet`` is the feature net's path or URI."""
     from vaegan.evaluate import evaluate_model
     from vaegan.featnet import load_feature_net
     from vaegan.inference import GenerativeModel
-    return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(featnet_path),
+    from .. import store
+    return evaluate_model(GenerativeModel.from_checkpoint(state), load_feature_net(store.local_view(featnet)),
                           data.images(split, cfg.num_images), iwae_k=cfg.iwae_k, iwae_images=cfg.iwae_images,
                           seed=seed, train_images=data.images("train", cfg.iwae_images), prior=prior)
 
 
-def baseline_vae(cfg: PipelineConfig, ctx: RunContext, data: preprocess.Outputs, featnet_path: Path) -> dict[str, float]:
+def baseline_vae(cfg: PipelineConfig, ctx: RunContext, data: preprocess.Outputs, featnet: str) -> dict[str, float]:
     """The plain VAE with the same encoder/decoder, data and budget, scored the same way."""
     from ..training import best_checkpoint_state, fit_tracked, with_fitted_prior
     vae_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="vae"))
-    outcome, run_id = fit_tracked(vae_cfg, ctx, data.path, data.image_shape, featnet_path,
+    outcome, run_id = fit_tracked(vae_cfg, ctx, data.folder, data.image_shape, featnet,
                                   name=f"baseline-vae-{ctx.step_key}", params=flatten(dataclasses.asdict(vae_cfg)))
     state = with_fitted_prior(best_checkpoint_state(outcome.result), data.images("train"), cfg.train.seed)
-    scores = score_checkpoint(cfg.eval, state, data, featnet_path, seed=cfg.train.seed)
+    scores = score_checkpoint(cfg.eval, state, data, featnet, seed=cfg.train.seed)
     tracking.log_metrics(ctx.tracking_uri, run_id, {f"test/{k}": v for k, v in scores.items()})
     tracking.end_run(ctx.tracking_uri, run_id)
     return scores

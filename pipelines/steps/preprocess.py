@@ -11,12 +11,13 @@ to the dataset, so its loader lives here too: trained once on the train split, c
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vaegan.imagerows import read_split
 
-from .. import shards, sources
+from .. import shards, sources, store
 from ..config import EvalConfig, PipelineConfig
 from ..context import RunContext, StepOutputs
 
@@ -64,12 +65,26 @@ class Outputs(StepOutputs):
         images, _ = read_split(self.split_dir(split), self.image_shape, limit=limit)
         return to_float(torch.from_numpy(images))
 
-    def feature_net(self, data_dir: str, cfg: EvalConfig) -> tuple[Path, str]:
-        """The domain feature net of this dataset (path, name): trained on its train split once, then
-        cached under ``<data_dir>/featnets`` by the data fingerprint."""
+    def feature_net(self, cache: str, cfg: EvalConfig) -> tuple[str, str]:
+        """The domain feature net of this dataset (path or URI, name): trained on its train split once, then
+        cached in the folder or object-storage prefix ``cache`` (``RunContext.featnet_cache``) by the data
+        fingerprint."""
+        fingerprint = self.manifest["fingerprint"]
+        cached = store.join(cache, f"featnet-{fingerprint}.pt")  # vaegan.featnet.feature_net_path's name
+        if not store.is_remote(cache):
+            return cached, self._load_or_train_feature_net(Path(cache), cfg)
+        if store.exists(cached):
+            return cached, self._load_or_train_feature_net(store.local_view(cached).parent, cfg)
+        with tempfile.TemporaryDirectory(prefix="vaegan-featnet-") as local:
+            name = self._load_or_train_feature_net(Path(local), cfg)
+            store.upload(Path(local, f"featnet-{fingerprint}.pt"), cached)
+        return cached, name
+
+    def _load_or_train_feature_net(self, cache: Path, cfg: EvalConfig) -> str:
+        """The feature net's name, trained into the local folder ``cache`` unless it is there already."""
         import torch
-        from vaegan.featnet import feature_net_path, load_or_train_feature_net
-        cache, fingerprint = Path(data_dir) / "featnets", self.manifest["fingerprint"]
+        from vaegan.featnet import load_or_train_feature_net
+        fingerprint = self.manifest["fingerprint"]
         images, labels = read_split(self.split_dir("train"), self.image_shape)
         test_images, test_labels = read_split(self.split_dir("test"), self.image_shape)
         labelled = bool(self.manifest["classes"]) and (labels >= 0).all()
@@ -78,7 +93,7 @@ class Outputs(StepOutputs):
             num_classes=max(len(self.manifest["classes"]), 1), test_images=torch.from_numpy(test_images),
             test_labels=torch.from_numpy(test_labels), epochs=cfg.featnet_epochs,
             log=lambda line: print(f"[featnet] {line}", flush=True))
-        return feature_net_path(cache, fingerprint), name
+        return name
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outputs:

@@ -63,8 +63,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     data = inputs.preprocess
     check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
     shards.check_no_empty_split(data.manifest["counts"], cfg.data, shards.MIN_SPLIT_ROWS)  # likewise
-    featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
-    outcome, run_id = fit_tracked(cfg, ctx, data.path, data.image_shape, featnet_path,
+    featnet, _ = data.feature_net(ctx.featnet_cache(cfg.data.data_dir), cfg.eval)
+    outcome, run_id = fit_tracked(cfg, ctx, data.folder, data.image_shape, featnet,
                                   name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)))
     tracking.require_sent(ctx.tracking_uri, run_id, outcome.mlflow_unsent, outcome.result.path)
     state = with_fitted_prior(best_checkpoint_state(outcome.result), data.images("train"), cfg.train.seed)

@@ -63,7 +63,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
         check_batch_fits(cfg, cfg.tune.train_limit, f"tune.train_limit={cfg.tune.train_limit} training images per trial")
     else:
         check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
-    featnet_path, _ = data.feature_net(cfg.data.data_dir, cfg.eval)
+    featnet, _ = data.feature_net(ctx.featnet_cache(cfg.data.data_dir), cfg.eval)
     from tune import sweep  # Ray Tune and Train: here, not at the top, for the driver imports this module
-    outcome = sweep.run(cfg, ctx, data.path, data.image_shape, featnet_path, out)
+    outcome = sweep.run(cfg, ctx, data.folder, data.image_shape, featnet, out)
     return Outputs(enabled=True, folder=str(out), **dataclasses.asdict(outcome))

@@ -1,0 +1,171 @@
+"""The pipeline on object storage: a real S3 endpoint on 127.0.0.1 (``deploy/local_s3.py``, moto's server, with
+credentials checked), a real `mlflow server` whose artifacts live in the bucket, and a real local Ray.
+
+One run folder ``s3://BUCKET/run`` goes through the smoke DAG twice: the first driver is SIGKILLed once Ray
+Train has recorded a checkpoint in the bucket, the second finishes from it. Then a third run changes nothing,
+and a process with no AWS credentials pulls the registered model through the tracking server. Each driver
+runs in an empty working directory, which must stay empty.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from conftest import BIN, REPO, free_port, sigkill_session, stop_group, wait_for_http, without_mlflow_settings
+
+from deploy.local_s3 import local_s3
+
+BUCKET = "vaegan-test"
+SMOKE = str(REPO / "pipelines" / "configs" / "smoke.yaml")
+# Three epochs, so that the kill after the first checkpoint leaves training to resume; a model name of its own.
+RUN_ARGS = ("--set", "train.epochs=3", "--set", "register.model_name=vaegan-s3", "--set", "register.experiment=s3")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The S3 server's AWS_* variables."""
+    with local_s3(BUCKET, log=tmp_path_factory.mktemp("s3") / "moto.log") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def s3_mlflow(s3, tmp_path_factory):
+    """A tracking server that proxies artifacts to the bucket (``--artifacts-destination s3://…``)."""
+    root = tmp_path_factory.mktemp("s3-mlflow")
+    port = free_port()
+    env = {**os.environ, **s3, "MLFLOW_S3_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"],
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", 120, proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_group(proc)
+
+
+def bucket_fs(s3: dict[str, str]) -> pafs.S3FileSystem:
+    """The test's own view of the bucket, with the key given explicitly (this process has no AWS_* set)."""
+    return pafs.S3FileSystem(endpoint_override=s3["AWS_ENDPOINT_URL"], access_key=s3["AWS_ACCESS_KEY_ID"],
+                             secret_key=s3["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+
+
+def objects(fs: pafs.S3FileSystem, prefix: str) -> dict[str, int]:
+    """Every object under ``BUCKET/prefix``: its key below the prefix and its size."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return {i.path.removeprefix(f"{BUCKET}/{prefix}/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def vaegan(workdir: Path, env: dict[str, str], *args: str, background: bool = False):
+    """`vaegan ARGS` from the empty ``workdir`` with only ``env``'s AWS and MLflow settings."""
+    full_env = {k: v for k, v in without_mlflow_settings().items() if not k.startswith("AWS_")} | env
+    command = [str(BIN / "vaegan"), *args]
+    if background:  # its own session, so that a kill takes the local Ray it starts too
+        log = open(workdir.parent / f"{workdir.name}.log", "w+")  # noqa: SIM115 (read by the fixture)
+        proc = subprocess.Popen(command, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+        proc.log = log
+        return proc
+    return subprocess.run(command, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=900)
+
+
+def run_args(run_dir: str) -> list[str]:
+    return ["run", "--config", SMOKE, *RUN_ARGS, "--run-dir", run_dir]
+
+
+def registered_checkpoints(fs: pafs.S3FileSystem) -> list[str]:
+    """The checkpoints Ray Train's controller recorded in the bucket: what a rerun resumes from."""
+    for key in objects(fs, "run/ray"):
+        if key.startswith("train-") and key.endswith("checkpoint_manager_snapshot.json"):
+            with fs.open_input_stream(f"{BUCKET}/run/ray/{key}") as f:
+                return [r["checkpoint_dir_name"] for r in json.loads(f.read())["checkpoint_results"]]
+    return []
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, s3_mlflow, tmp_path_factory):
+    env = {**s3, "MLFLOW_TRACKING_URI": s3_mlflow}
+    fs, run_dir = bucket_fs(s3), f"s3://{BUCKET}/run"
+    workdirs = [tmp_path_factory.mktemp(f"cwd-{n}") for n in range(3)]
+
+    first = vaegan(workdirs[0], env, *run_args(run_dir), background=True)
+    deadline = time.time() + 600
+    while not registered_checkpoints(fs):
+        first.log.seek(0)
+        assert first.poll() is None and time.time() < deadline, f"no checkpoint in the bucket:\n{first.log.read()[-3000:]}"
+        time.sleep(0.2)
+    sigkill_session(first.pid)
+    first.wait()
+    after_kill = objects(fs, "run")
+
+    second = vaegan(workdirs[1], env, *run_args(run_dir))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    third = vaegan(workdirs[2], env, *run_args(run_dir))
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    with fs.open_input_stream(f"{BUCKET}/run/summary.json") as f:
+        summary = json.loads(f.read())
+    return {"env": env, "fs": fs, "workdirs": workdirs, "after_kill": after_kill, "second": second,
+            "third": third, "summary": summary}
+
+
+def test_a_run_on_s3_writes_its_steps_and_summary_to_the_bucket_and_nothing_locally(s3_run):
+    summary, stored = s3_run["summary"], objects(s3_run["fs"], "run")
+    assert summary["run_dir"] == f"s3://{BUCKET}/run"
+    assert summary["model_uri"] == "models:/vaegan-s3@champion" and summary["alias_moved"]
+    for name, step in summary["steps"].items():
+        assert f"{name}-{step['key']}/outputs.json" in stored, sorted(stored)
+    key = summary["steps"]["train"]["key"]
+    assert {f"train-{key}/checkpoint.pt", f"train-{key}/samples.png"} <= set(stored)
+    assert any(k.startswith("featnets/featnet-") for k in stored), "the feature-net cache is not in the bucket"
+    assert any(k.startswith("ray/tune-") for k in stored), "Tune's experiment is not in the bucket"
+    assert [sorted(p.rglob("*")) for p in s3_run["workdirs"]] == [[], [], []]
+
+
+def test_a_driver_killed_in_training_resumes_from_the_buckets_checkpoint(s3_run):
+    after_kill, summary = s3_run["after_kill"], s3_run["summary"]
+    train = f"train-{summary['steps']['train']['key']}/"
+    assert not [k for k in after_kill if k.startswith(train)], "the killed train step looks complete"
+    assert {"preprocess", "tune"} <= {k.split("-")[0] for k in after_kill if k.endswith("/outputs.json")}
+    out = s3_run["second"].stdout
+    assert '"status": "cached"' in out and "[train] resumed from epoch" in out, out[-3000:]
+    assert summary["train_faults"]["restarts"] == 1
+
+
+def test_a_rerun_on_s3_finds_every_step_complete(s3_run):
+    third = s3_run["third"].stdout
+    assert "nothing to run, so no Ray is started" in third
+    steps = json.loads(third[third.index("{"):third.rindex("}") + 1])["steps"]
+    assert {step["status"] for step in steps.values()} == {"cached"}
+
+
+def test_a_process_without_aws_credentials_pulls_the_model_through_the_server(s3_run, tmp_path):
+    out = tmp_path / "samples.png"
+    pulled = vaegan(tmp_path, {"MLFLOW_TRACKING_URI": s3_run["env"]["MLFLOW_TRACKING_URI"]},
+                    "sample", "--model", "models:/vaegan-s3@champion", "--num", "8", "--out", str(out))
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert out.stat().st_size > 0
+    assert any(k.endswith("checkpoint.pt") for k in objects(s3_run["fs"], "mlartifacts")), "the model is not in the bucket"
+
+
+@pytest.mark.parametrize("problem, change, expected", [
+    ("a missing bucket", {"run_dir": "s3://no-such-bucket/run"}, "bucket 'no-such-bucket' does not exist"),
+    ("bad credentials", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "the store refuses these credentials"),
+    ("an endpoint that does not answer", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the store cannot be reached"),
+    ("no tracking server", {"MLFLOW_TRACKING_URI": ""}, "MLflow's sqlite store cannot live"),
+])
+def test_bad_storage_settings_fail_in_one_line_before_any_compute(s3, s3_mlflow, tmp_path, problem, change, expected):
+    env = {**s3, "MLFLOW_TRACKING_URI": s3_mlflow, **change}
+    run_dir = env.pop("run_dir", f"s3://{BUCKET}/bad-input")
+    result = vaegan(tmp_path, {k: v for k, v in env.items() if v}, *run_args(run_dir))
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and expected in result.stderr, (problem, result.stderr[-2000:])
+    assert "ray" not in result.stdout.lower() and not objects(bucket_fs(s3), "bad-input"), problem
+    assert not list(tmp_path.iterdir())
