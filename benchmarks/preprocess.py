@@ -169,14 +169,14 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
     rss_before_mb = psutil.Process().memory_info().rss / MiB
     start = time.perf_counter()
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
-    root = Path(cfg.source).resolve()
+    root = str(Path(cfg.source).resolve())
     classes = sources.image_classes(root)
     files = sources.image_files(root, cfg.limit)
     shape = {"image_size": model_cfg.image_size, "channels": model_cfg.channels}
     with SplitWriter(Path(out_dir), cfg.rows_per_file) as writer:
         for first in range(0, len(files), BATCH_ROWS):
             chunk = files[first:first + BATCH_ROWS]
-            batch = sources.read_image_files({"path": np.array([str(f) for f in chunk])}, str(root), classes)
+            batch = sources.read_image_files({"path": np.array(chunk)}, root, classes)
             writer.write(shards.transform_batch(batch, data, shape))
     written = time.perf_counter()
     manifest = shards.build_manifest(Path(out_dir), "images", cfg, model_cfg, classes)

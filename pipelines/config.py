@@ -71,7 +71,15 @@ class DataConfig:
     def check_source(self) -> None:
         """That the source exists: a filesystem check, so the driver runs it once, before Ray (``validate``
         stays pure and runs wherever a config is rebuilt)."""
-        if self.source and not Path(self.source).exists():
+        if not self.source:
+            return
+        from . import store  # pyarrow's filesystems: only for a run that reads a source
+        if store.is_remote(self.source):
+            store.check_readable(self.source, "config key 'data.source'")
+            if self.format == "idx":
+                raise ConfigError(f"config key 'data.format' is 'idx' with data.source {self.source!r} on object "
+                                  "storage; allowed: 'images' or 'parquet' there (IDX files are read locally)")
+        elif not Path(self.source).exists():
             raise ConfigError(f"config key 'data.source' points to {self.source!r}, which does not exist; allowed: "
                               "an IDX folder, an image folder, a Parquet file or folder, or \"\" for Fashion-MNIST")
 

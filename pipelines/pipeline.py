@@ -74,8 +74,9 @@ def with_absolute_paths(cfg: PipelineConfig, run_dir: str) -> PipelineConfig:
     object storage writes nothing under the working directory, so there a relative ``data.data_dir`` (an IDX
     download and its decompressed copy) resolves under the temporary folder instead."""
     base = Path(tempfile.gettempdir(), "vaegan") if store.is_remote(run_dir) else Path.cwd()
+    local_source = cfg.data.source and not store.is_remote(cfg.data.source)
     data = dataclasses.replace(cfg.data, data_dir=str((base / cfg.data.data_dir).resolve()),
-                               source=str(Path(cfg.data.source).resolve()) if cfg.data.source else "")
+                               source=str(Path(cfg.data.source).resolve()) if local_source else cfg.data.source)
     return dataclasses.replace(cfg, data=data)
 
 

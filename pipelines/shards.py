@@ -45,8 +45,7 @@ def split_counts(cfg: DataConfig) -> tuple[dict[str, int], bool]:
         train, test = (idx_keep(cfg, split, vdata.check_idx(idx_dir, split, cache)) for split in ("train", "test"))
         keys, is_test, exact = np.arange(train), np.zeros(train, bool), True
     elif fmt == "images":
-        root = Path(cfg.source)
-        keys, is_test, test, exact = path_keys(root, image_files(root, cfg.limit)), None, 0, True
+        keys, is_test, test, exact = path_keys(cfg.source, image_files(cfg.source, cfg.limit)), None, 0, True
     else:
         rows = parquet_rows(cfg.source)
         rows = min(rows, cfg.limit) if cfg.limit else rows

@@ -7,18 +7,22 @@ and one lazy Ray Dataset reader per format.
 
 Each reader yields rows with ``image``, and where the source has them ``label``, ``key`` and ``is_test``
 (IDX) or ``source_path`` (image folders), for ``shards.transform_batch``.
+
+Image folders and Parquet may also live on object storage (``data.source: s3://bucket/prefix``): they are
+listed and read through the pyarrow filesystem ``store.filesystem`` gives, by the Ray tasks themselves, so
+nothing is copied to the driver first. IDX files are local (a Debian package or a torchvision download).
 """
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
@@ -27,6 +31,7 @@ from ray.exceptions import UserCodeException
 from vaegan.errors import UserError
 from vaegan.imagerows import IMAGE_TYPES, is_image_file
 
+from . import store
 from .config import DataConfig
 
 BLOCK_ROWS = 2048
@@ -42,12 +47,12 @@ class PreprocessError(UserError, ValueError, UserCodeException):
 
 
 def detect_format(source: str) -> str:
-    path = Path(source)
     if not source:
         return "idx"
-    if path.is_file() or any(path.rglob("*.parquet")):
+    fs, root = store.filesystem(source)
+    if fs.get_file_info(root).type == pafs.FileType.File or listed_files(source, ".parquet"):
         return "parquet"
-    if any(path.glob("*-idx3-ubyte*")):
+    if any("-idx3-ubyte" in info.base_name for info in fs.get_file_info(pafs.FileSelector(root))):
         return "idx"
     return "images"
 
@@ -56,43 +61,52 @@ def source_format(cfg: DataConfig) -> str:
     return detect_format(cfg.source) if cfg.format == "auto" else cfg.format
 
 
-def source_files(cfg: DataConfig) -> list[Path]:
-    """The files preprocess reads from the source, sorted: the IDX files (and their .gz), an image folder's
-    files (hidden and "_" names skipped, as Ray's listing does), or the Parquet file(s)."""
+def source_files(cfg: DataConfig) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """The files preprocess reads from the source, sorted, and their filesystem: the IDX files (and their .gz),
+    an image folder's files (hidden and "_" names skipped, as Ray's listing does), or the Parquet file(s)."""
     fmt = source_format(cfg)
     if fmt == "idx":
         from vaegan import data as vdata
         root = cfg.find_idx(download=False)
         names = [name for pair in vdata.IDX_FILES.values() for name in pair]
-        return sorted(p for name in names for p in (root / name, root / f"{name}.gz") if p.is_file())
-    root = Path(cfg.source)
-    if root.is_file():
-        return [root]
-    return listed_files(root, "*.parquet" if fmt == "parquet" else "*")
+        paths = sorted(str(p) for name in names for p in (root / name, root / f"{name}.gz") if p.is_file())
+        return pafs.LocalFileSystem(), pafs.LocalFileSystem().get_file_info(paths)
+    fs, root = store.filesystem(cfg.source)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return fs, [info]
+    return fs, listed_files(cfg.source, ".parquet" if fmt == "parquet" else "")
 
 
-def listed_files(root: Path, pattern: str) -> list[Path]:
-    """The files under ``root`` matching ``pattern``, sorted, skipping any path with a part starting with "."
-    or "_", as Ray's file listing does."""
-    return sorted(p for p in root.rglob(pattern)
-                  if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+def listed_files(source: str, suffix: str = "") -> list[pafs.FileInfo]:
+    """The files under the folder or prefix ``source`` whose names end in ``suffix``, sorted by path, skipping
+    any path with a part starting with "." or "_", as Ray's file listing does."""
+    fs, root = store.filesystem(source)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted((i for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+                   and not any(part.startswith((".", "_")) for part in relative(root, i.path).parts)),
+                  key=lambda i: i.path)
+
+
+def relative(root: str, path: str) -> PurePosixPath:
+    """``path`` inside the folder or prefix ``root`` (both as the filesystem names them)."""
+    return PurePosixPath(path).relative_to(root)
 
 
 def source_signature(cfg: DataConfig, samples: int = 32, edge: int = 65536) -> dict[str, Any]:
     """What the source's content is, cheaply: every file's name, size and mtime, and a hash of the first and
     last ``edge`` bytes of ``samples`` files spread over the list (an edit that keeps size and mtime is seen
-    in those). Reads well under a second for 70,000 image files."""
-    files = source_files(cfg)
+    in those). Reads well under a second for 70,000 local image files."""
+    fs, files = source_files(cfg)
     stats, content = hashlib.sha256(), hashlib.sha256()
-    for path in files:
-        info = path.stat()
-        stats.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    for info in files:
+        stats.update(f"{info.path}\0{info.size}\0{info.mtime_ns}\n".encode())
     picked = files if len(files) <= samples else [files[i * (len(files) - 1) // (samples - 1)] for i in range(samples)]
-    for path in picked:
-        with open(path, "rb") as handle:
+    for info in picked:
+        with fs.open_input_file(info.path) as handle:
             content.update(handle.read(edge))
-            if path.stat().st_size > 2 * edge:
-                handle.seek(-edge, os.SEEK_END)
+            if info.size > 2 * edge:
+                handle.seek(info.size - edge)
                 content.update(handle.read(edge))
     return {"files": len(files), "stats": stats.hexdigest()[:16], "sampled": content.hexdigest()[:16]}
 
@@ -135,35 +149,39 @@ def read_idx(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
     return ray.data.from_arrow(tables), classes
 
 
-def image_files(root: Path, limit: int = 0) -> list[Path]:
-    """The image folder's files in sorted order, the first ``limit`` of them if > 0. Paths with a part
-    starting with "." or "_" are skipped, as Ray's file listing skips such names; any other file that is
-    no image is an error, so a stray file is never read as data nor silently left out."""
-    files = listed_files(root, "*")
+def image_files(source: str, limit: int = 0) -> list[str]:
+    """The image folder's (or prefix's) files in sorted order, as its filesystem names them, the first
+    ``limit`` of them if > 0. Paths with a part starting with "." or "_" are skipped, as Ray's file listing
+    skips such names; any other file that is no image is an error, so a stray file is never read as data nor
+    silently left out."""
+    _, root = store.filesystem(source)
+    files = [info.path for info in listed_files(source)]
     allowed = f"allowed: {IMAGE_TYPES} files, flat or one sub-folder per class"
-    other = next((p for p in files if not is_image_file(p)), None)
+    other = next((p for p in files if not is_image_file(PurePosixPath(p))), None)
     if other is not None:
-        raise PreprocessError(f"image folder {root} holds {str(other.relative_to(root))!r}, which is not an "
+        raise PreprocessError(f"image folder {source} holds {str(relative(root, other))!r}, which is not an "
                               f"image file; {allowed}")
     if not files:
-        raise PreprocessError(f"image folder {root} holds no image files; {allowed}")
+        raise PreprocessError(f"image folder {source} holds no image files; {allowed}")
     return files[:limit] if limit else files
 
 
-def path_keys(root: Path, files: list[Path]) -> np.ndarray:
+def path_keys(source: str, files: list[str]) -> np.ndarray:
     """A row's stable id in an image folder: a hash of its path inside the folder."""
-    return np.array([zlib.crc32(str(f.relative_to(root)).encode()) for f in files], np.int64)
+    _, root = store.filesystem(source)
+    return np.array([zlib.crc32(str(relative(root, f)).encode()) for f in files], np.int64)
 
 
-def image_classes(root: Path) -> list[str]:
+def image_classes(source: str) -> list[str]:
     """An image folder's class names: its sub-folders, sorted (a label is an index into them)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir())
+    fs, root = store.filesystem(source)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory)
 
 
 def read_images(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
-    root = Path(cfg.source).resolve()  # absolute paths: Ray's workers need not share the driver's directory
-    classes = image_classes(root)
-    files = [str(f) for f in image_files(root, cfg.limit)]
+    source = cfg.source  # absolute (pipeline.with_absolute_paths) or a URI: Ray's workers run elsewhere
+    classes = image_classes(source)
+    files = image_files(source, cfg.limit)
     # Only the paths go into the dataset, in blocks of at most BLOCK_ROWS, a multiple of the cluster's CPUs of
     # them (the last round keeps every core busy). Each task then reads, decodes and writes its own block (Ray
     # fuses the chain into one task): every core decodes, no encoded bytes cross the object store, and a task's
@@ -174,37 +192,48 @@ def read_images(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
     step = math.ceil(len(files) / blocks)
     ds = ray.data.from_arrow([pa.table({"path": files[i:i + step]}) for i in range(0, len(files), step)])
     return ds.map_batches(read_image_files, batch_format="numpy",
-                          fn_kwargs={"root": str(root), "classes": classes}), classes
+                          fn_kwargs={"source": source, "classes": classes}), classes
 
 
-def read_image_files(batch: dict[str, np.ndarray], root: str, classes: list[str]) -> dict[str, Any]:
-    """Rows of an image folder from a ``path`` column (paths under ``root``): the file's encoded bytes as
-    ``image`` (decoded in transform_batch, so a corrupt file fails there with its name), its ``label`` (the
-    index of its class folder in ``classes``, -1 for a file at the top), ``key`` and ``source_path``."""
-    files = [Path(p) for p in batch["path"]]
+def read_image_files(batch: dict[str, np.ndarray], source: str, classes: list[str]) -> dict[str, Any]:
+    """Rows of an image folder from a ``path`` column (paths under the folder or prefix ``source``, as its
+    filesystem names them): the file's encoded bytes as ``image`` (decoded in transform_batch, so a corrupt
+    file fails there with its name), its ``label`` (the index of its class folder in ``classes``, -1 for a
+    file at the top), ``key`` and ``source_path``."""
+    fs, root = store.filesystem(source)
+    files = [str(p) for p in batch["path"]]
     index = {name: i for i, name in enumerate(classes)}
-    rel = [f.relative_to(root) for f in files]
+    rel = [relative(root, f) for f in files]
     labels = np.array([index.get(r.parts[0], -1) if len(r.parts) > 1 else -1 for r in rel], np.int64)
-    return {"image": [_read_file(f) for f in files], "label": labels, "key": path_keys(Path(root), files),
-            "source_path": np.array([str(f) for f in files])}
+    names = [store.join(source, str(r)) if store.is_remote(source) else f for r, f in zip(rel, files)]
+    return {"image": [_read_file(fs, f, name) for f, name in zip(files, names)], "label": labels,
+            "key": path_keys(source, files), "source_path": np.array(names)}
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(fs: pafs.FileSystem, path: str, name: str) -> bytes:
     try:
-        return path.read_bytes()
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
     except OSError as err:
-        raise PreprocessError(f"{path}: cannot be read ({err.strerror or err}); allowed: readable image files") from err
+        raise PreprocessError(f"{name}: cannot be read ({getattr(err, 'strerror', None) or err}); "
+                              "allowed: readable image files") from err
 
 
 def parquet_rows(source: str) -> int:
     """The Parquet source's row count, its schema checked, from the files' footers alone."""
-    path = Path(source)
-    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    fs, root = store.filesystem(source) if source else (None, "")
+    if fs is None or fs.get_file_info(root).type == pafs.FileType.NotFound:
+        files = []
+    elif fs.get_file_info(root).type == pafs.FileType.File:
+        files = [root]
+    else:
+        files = [info.path for info in listed_files(source, ".parquet")]
     if not files:
         raise PreprocessError(f"Parquet source {source or '(none)'} holds no .parquet file; allowed: a Parquet file "
                               "or a folder holding .parquet files (data.format=parquet)")
     try:
-        schema, rows = pq.read_schema(files[0]), sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        schema = pq.read_schema(files[0], filesystem=fs)
+        rows = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
     except (OSError, pa.ArrowException) as err:
         raise PreprocessError(f"Parquet source {source} cannot be read: {err}; allowed: a Parquet file or folder "
                               "(data.format=parquet), an IDX folder or an image folder") from err
@@ -223,7 +252,8 @@ def parquet_rows(source: str) -> int:
 
 def read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, list[str]]:
     parquet_rows(cfg.source)
-    ds = ray.data.read_parquet(cfg.source)
+    fs, root = store.filesystem(cfg.source)
+    ds = ray.data.read_parquet(root, filesystem=fs)  # each read task fetches its own files from where they live
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     return ds, []

@@ -148,12 +148,37 @@ def _scratch() -> str:
     return folder
 
 
-def check_writable(uri: str, flag: str) -> None:
-    """That objects can be written under a remote ``uri``: its endpoint answers, the credentials are accepted
-    and the bucket exists. One line naming what is wrong, raised before any compute."""
+def check_writable(uri: str, what: str) -> None:
+    """That objects can be written under a remote ``uri`` (named ``what`` in messages): its endpoint answers,
+    the credentials are accepted and the bucket exists. One line naming what is wrong, raised before any compute."""
+    where = _check_bucket(uri, what)
+    probe = join(uri, ".vaegan-write-check")
+    try:
+        write_text(probe, "")
+        delete(probe)
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be written: {_refusal(err)}") from None
+
+
+def check_readable(uri: str, what: str) -> None:
+    """That a remote ``uri`` can be read and holds something: a file, or a prefix with objects under it."""
+    where = _check_bucket(uri, what)
+    fs, path = filesystem(uri)
+    try:
+        found = fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise ConfigError(f"{where}: {_refusal(err)}") from None
+    if not found:
+        raise ConfigError(f"{where} does not exist; allowed: a Parquet file or a prefix of Parquet files or "
+                          "images in an existing bucket")
+
+
+def _check_bucket(uri: str, what: str) -> str:
+    """That ``uri``'s bucket exists and the store answers and accepts the credentials; ``what`` and ``uri``
+    (and the endpoint), as messages name them."""
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
-    where = f"{flag} {uri!r}" + (f" at endpoint {endpoint()}" if endpoint() else "")
+    where = f"{what} {uri!r}" + (f" at endpoint {endpoint()}" if endpoint() else "")
     try:
         info = fs.get_file_info(bucket)
     except OSError as err:
@@ -161,12 +186,7 @@ def check_writable(uri: str, flag: str) -> None:
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{where}: bucket {bucket!r} does not exist; allowed: an existing bucket "
                           "(vaegan creates no buckets)")
-    probe = join(uri, ".vaegan-write-check")
-    try:
-        write_text(probe, "")
-        delete(probe)
-    except OSError as err:
-        raise ConfigError(f"{where} cannot be written: {_refusal(err)}") from None
+    return where
 
 
 def _refusal(err: OSError) -> str:

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +256,48 @@ def as_user(server: dict):
 def without_mlflow_settings() -> dict[str, str]:
     """This process's environment less every MLFLOW_ variable, so that a run gets only the ones a test gives."""
     return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+BUCKET = "vaegan-test"  # the local S3 server's bucket
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A local S3 server (``deploy/local_s3.py``, credentials checked) with BUCKET; its AWS_* variables."""
+    from deploy.local_s3 import local_s3
+    with local_s3(BUCKET, log=tmp_path_factory.mktemp("s3") / "moto.log") as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def s3_mlflow(s3, tmp_path_factory):
+    """A tracking server that proxies artifacts to the bucket (``--artifacts-destination s3://…``)."""
+    root = tmp_path_factory.mktemp("s3-mlflow")
+    port = free_port()
+    env = {**os.environ, **s3, "MLFLOW_S3_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"],
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", 120, proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_group(proc)
+
+
+def bucket_fs(s3: dict[str, str]) -> pafs.S3FileSystem:
+    """The test's own view of the bucket, with the key given explicitly (this process has no AWS_* set)."""
+    return pafs.S3FileSystem(endpoint_override=s3["AWS_ENDPOINT_URL"], access_key=s3["AWS_ACCESS_KEY_ID"],
+                             secret_key=s3["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+
+
+def objects(fs: pafs.S3FileSystem, prefix: str) -> dict[str, int]:
+    """Every object under ``BUCKET/prefix``: its key below the prefix and its size."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return {i.path.removeprefix(f"{BUCKET}/{prefix}/"): i.size for i in infos if i.type == pafs.FileType.File}
 
 
 # smoke.yaml runs one trial and no VAE baseline; the suite's full smoke run asks for both, to check the tune

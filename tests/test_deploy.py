@@ -24,7 +24,7 @@ from PIL import Image
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, REPO, free_port, stop_group, wait_for_http
+from conftest import BIN, BUCKET, REPO, bucket_fs, free_port, objects, stop_group, wait_for_http
 
 SMOKE = "pipelines/configs/smoke.yaml"
 MODEL = "vaegan-deploy-test"
@@ -60,10 +60,12 @@ def ray_cli(cluster, *args: str, env: dict | None = None, timeout: float = 900) 
                           timeout=timeout, cwd=REPO)
 
 
-def submit(cluster, tracking_uri: str, run_dir: Path, *pipeline_args: str, wait: bool = True,
-           submission_id: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The README's `ray job submit ... -- vaegan run`, with the tracking URI in the job's runtime env."""
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}}
+def submit(cluster, tracking_uri: str, run_dir: Path | str, *pipeline_args: str, wait: bool = True,
+           submission_id: str | None = None, env: dict | None = None,
+           job_env: dict | None = None) -> subprocess.CompletedProcess:
+    """The README's `ray job submit ... -- vaegan run`, with the tracking URI (and ``job_env``) in the job's
+    runtime env."""
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, **(job_env or {})}}
     return ray_cli(cluster, "job", "submit", "--address", cluster["address"], "--working-dir", ".",
                    "--runtime-env-json", json.dumps(runtime_env),
                    *(["--submission-id", submission_id] if submission_id else []), *([] if wait else ["--no-wait"]),
@@ -114,6 +116,26 @@ def test_submitted_job_succeeds_across_both_nodes_and_registers(cluster, smoke_j
     nodes = ray_cli(cluster, "list", "nodes", "--address", cluster["gcs"], "--format", "json", timeout=60)
     cluster_nodes = {n["node_id"] for n in json.loads(nodes.stdout)}
     assert len(worker_nodes) == 2 and worker_nodes == cluster_nodes, "the 2 Train workers must run on both nodes"
+
+
+def test_a_job_with_an_s3_run_dir_needs_only_the_endpoint_and_keys_in_its_runtime_env(cluster, s3, s3_mlflow):
+    """No shared folder: the cluster's nodes (started without any AWS_* variable) reach the bucket with what the
+    job's runtime env carries, and the steps and both Train workers write there from either node."""
+    assert not set(s3) & set(os.environ), "the cluster must not inherit the S3 settings"
+    proc = submit(cluster, s3_mlflow, f"s3://{BUCKET}/job", "--steps", "preprocess,tune,train", "--set",
+                  "tune.enabled=false", "--set", "train.num_workers=2", "--set", "register.experiment=deploy-s3",
+                  submission_id="vaegan-s3-job", job_env=s3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fs = bucket_fs(s3)
+    with fs.open_input_stream(f"{BUCKET}/job/summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["run_dir"] == f"s3://{BUCKET}/job"
+    train = f"train-{summary['steps']['train']['key']}"
+    assert {f"{train}/outputs.json", f"{train}/checkpoint.pt"} <= set(objects(fs, "job"))
+    with fs.open_input_stream(f"{BUCKET}/job/{train}/outputs.json") as f:
+        run_id = json.loads(f.read())["mlflow_run_id"]
+    worker_nodes = MlflowClient(s3_mlflow).get_run(run_id).data.tags["train.node_ids"].split(",")
+    assert len(set(worker_nodes)) == 2, "the 2 Train workers must run on both nodes"
 
 
 def fresh_env(tmp_path: Path, tracking_uri: str) -> dict[str, str]:

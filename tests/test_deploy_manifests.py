@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 LAUNCHER = DEPLOY / "cluster-launcher" / "aws-gpu.yaml"
-ENTRYPOINT = "vaegan run --config pipelines/configs/cluster.yaml"
+CLUSTER_CONFIG = "pipelines/configs/cluster.yaml"
 TOKEN_SECRET = ("vaegan-ray-token", "token")
-SHARED_MOUNTS = {"/app/runs", "/app/data"}
+STORAGE_KEYS = {"AWS_ACCESS_KEY_ID": "access_key_id", "AWS_SECRET_ACCESS_KEY": "secret_access_key",
+                "AWS_ENDPOINT_URL": "endpoint_url"}
 SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET")
 
 
@@ -73,7 +74,7 @@ def cluster_cfg():
 def test_every_deploy_yaml_parses():
     paths = sorted(DEPLOY.rglob("*.yaml"))
     assert {p.relative_to(DEPLOY).as_posix() for p in paths} >= {
-        "kuberay/rayjob.yaml", "kuberay/raycluster.yaml", "kuberay/pvc.yaml", "kuberay/secrets.example.yaml",
+        "kuberay/rayjob.yaml", "kuberay/raycluster.yaml", "kuberay/secrets.example.yaml",
         "cluster-launcher/aws-gpu.yaml"}
     for path in paths:
         assert load_docs(path), f"{path} holds no YAML document"
@@ -81,8 +82,9 @@ def test_every_deploy_yaml_parses():
 
 def test_rayjob_runs_the_cluster_config_and_cleans_up():
     spec = one("RayJob")["spec"]
-    assert spec["entrypoint"] == ENTRYPOINT
-    assert (ROOT / ENTRYPOINT.split("--config ")[1]).is_file()
+    command = spec["entrypoint"].split()
+    assert command[:4] == ["vaegan", "run", "--config", CLUSTER_CONFIG] and (ROOT / CLUSTER_CONFIG).is_file()
+    assert command[4] == "--run-dir" and command[5].startswith("s3://"), "the run folder lives in a bucket"
     assert spec["shutdownAfterJobFinishes"] is True
     assert 0 < spec["ttlSecondsAfterFinished"] <= 24 * 3600
     assert 0 <= spec["backoffLimit"] <= 3
@@ -124,7 +126,7 @@ def secret_ref(item: dict[str, Any]) -> tuple[str, str] | None:
 
 
 @pytest.mark.parametrize("kind", ["RayJob", "RayCluster"])
-def test_every_ray_container_has_token_auth_shared_storage_and_mlflow(kind):
+def test_every_ray_container_has_token_auth_object_storage_and_mlflow(kind):
     spec = cluster_specs()[kind]
     for where, container in ray_containers(spec):
         env = env_of(container)
@@ -132,16 +134,12 @@ def test_every_ray_container_has_token_auth_shared_storage_and_mlflow(kind):
         assert secret_ref(env["RAY_AUTH_TOKEN"]) == TOKEN_SECRET, f"{kind} {where}"
         assert "value" not in env["MLFLOW_TRACKING_URI"] and "valueFrom" in env["MLFLOW_TRACKING_URI"], (
             f"{kind} {where}: MLFLOW_TRACKING_URI must come from a ConfigMap or Secret")
-        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-        assert SHARED_MOUNTS <= set(mounts), f"{kind} {where}: the run folder and data/ must be on the shared volume"
-        assert {mounts[path]["name"] for path in SHARED_MOUNTS} == {"shared"}
+        for variable, key in STORAGE_KEYS.items():
+            assert secret_ref(env[variable]) == ("vaegan-storage", key), f"{kind} {where}: {variable}"
         assert container.get("workingDir", "/app") == "/app"
-    pvc = one("PersistentVolumeClaim")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     pod_specs = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
-    for pod in pod_specs:
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes["shared"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    for pod in pod_specs:  # the run folder is in a bucket: no pod needs a shared volume
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v or "nfs" in v], pod["volumes"]
 
 
 def test_rayjob_submitter_authenticates():
@@ -264,6 +262,11 @@ def test_launcher_turns_on_token_auth_everywhere():
     assert cfg["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
     text = LAUNCHER.read_text()
     assert not re.search(r"RAY_AUTH_TOKEN\s*=", text), "the token comes from the mounted file, never the YAML"
-    options = " ".join(cfg["docker"]["run_options"])
-    for path in SHARED_MOUNTS:
-        assert f":{path}" in options, f"{path} must be on the shared file system"
+
+
+
+def test_launcher_keeps_the_run_folder_in_a_bucket_not_on_a_shared_mount():
+    cfg = launcher()
+    assert not [option for option in cfg["docker"]["run_options"] if option.startswith("--volume")]
+    assert not [cmd for cmd in cfg.get("initialization_commands", []) if "mount" in cmd]
+    assert "--run-dir s3://" in LAUNCHER.read_text(), "the submit command the file shows names a bucket"

@@ -9,59 +9,17 @@ runs in an empty working directory, which must stay empty.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import BIN, REPO, free_port, sigkill_session, stop_group, wait_for_http, without_mlflow_settings
+from conftest import BIN, BUCKET, REPO, bucket_fs, objects, sigkill_session, without_mlflow_settings
 
-from deploy.local_s3 import local_s3
-
-BUCKET = "vaegan-test"
 SMOKE = str(REPO / "pipelines" / "configs" / "smoke.yaml")
 # Three epochs, so that the kill after the first checkpoint leaves training to resume; a model name of its own.
 RUN_ARGS = ("--set", "train.epochs=3", "--set", "register.model_name=vaegan-s3", "--set", "register.experiment=s3")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """The S3 server's AWS_* variables."""
-    with local_s3(BUCKET, log=tmp_path_factory.mktemp("s3") / "moto.log") as env:
-        yield env
-
-
-@pytest.fixture(scope="module")
-def s3_mlflow(s3, tmp_path_factory):
-    """A tracking server that proxies artifacts to the bucket (``--artifacts-destination s3://…``)."""
-    root = tmp_path_factory.mktemp("s3-mlflow")
-    port = free_port()
-    env = {**os.environ, **s3, "MLFLOW_S3_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"],
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", 120, proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_group(proc)
-
-
-def bucket_fs(s3: dict[str, str]) -> pafs.S3FileSystem:
-    """The test's own view of the bucket, with the key given explicitly (this process has no AWS_* set)."""
-    return pafs.S3FileSystem(endpoint_override=s3["AWS_ENDPOINT_URL"], access_key=s3["AWS_ACCESS_KEY_ID"],
-                             secret_key=s3["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
-
-
-def objects(fs: pafs.S3FileSystem, prefix: str) -> dict[str, int]:
-    """Every object under ``BUCKET/prefix``: its key below the prefix and its size."""
-    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
-    return {i.path.removeprefix(f"{BUCKET}/{prefix}/"): i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def vaegan(workdir: Path, env: dict[str, str], *args: str, background: bool = False):
@@ -160,12 +118,52 @@ def test_a_process_without_aws_credentials_pulls_the_model_through_the_server(s3
     ("bad credentials", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "the store refuses these credentials"),
     ("an endpoint that does not answer", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the store cannot be reached"),
     ("no tracking server", {"MLFLOW_TRACKING_URI": ""}, "MLflow's sqlite store cannot live"),
+    ("a data.source that is not there", {"set": f"data.source=s3://{BUCKET}/nowhere"},
+     f"config key 'data.source' 's3://{BUCKET}/nowhere' at endpoint"),
 ])
 def test_bad_storage_settings_fail_in_one_line_before_any_compute(s3, s3_mlflow, tmp_path, problem, change, expected):
     env = {**s3, "MLFLOW_TRACKING_URI": s3_mlflow, **change}
     run_dir = env.pop("run_dir", f"s3://{BUCKET}/bad-input")
-    result = vaegan(tmp_path, {k: v for k, v in env.items() if v}, *run_args(run_dir))
+    extra = ("--set", env.pop("set")) if "set" in env else ()
+    result = vaegan(tmp_path, {k: v for k, v in env.items() if v}, *run_args(run_dir), *extra)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and expected in result.stderr, (problem, result.stderr[-2000:])
     assert "ray" not in result.stdout.lower() and not objects(bucket_fs(s3), "bad-input"), problem
+    assert not list(tmp_path.iterdir())
+
+
+def put_sources(fs: pafs.S3FileSystem, images: int = 300) -> None:
+    """The same random 28 px grey images in the bucket twice: a Parquet file (``image`` as encoded PNG bytes,
+    ``label``) and an image folder (one sub-folder per class)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pngs, labels = [], rng.integers(0, 3, images)
+    for index, label in enumerate(labels):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+        with fs.open_output_stream(f"{BUCKET}/sources/images/class-{label}/{index:04d}.png") as f:
+            f.write(pngs[-1])
+    pq.write_table(pa.table({"image": pngs, "label": labels}), f"{BUCKET}/sources/data.parquet", filesystem=fs)
+
+
+@pytest.mark.parametrize("source", ["data.parquet", "images"])
+def test_a_source_on_s3_is_preprocessed_where_it_lives(s3, s3_mlflow, tmp_path, source):
+    fs = bucket_fs(s3)
+    if not objects(fs, "sources"):
+        put_sources(fs)
+    result = vaegan(tmp_path, {**s3, "MLFLOW_TRACKING_URI": s3_mlflow}, "run", "--config", SMOKE,
+                    "--steps", "preprocess", "--set", f"data.source=s3://{BUCKET}/sources/{source}",
+                    "--set", "data.limit=0", "--run-dir", f"s3://{BUCKET}/from-{source}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with fs.open_input_stream(f"{BUCKET}/from-{source}/summary.json") as f:
+        summary = json.loads(f.read())
+    assert sum(summary["data_counts"].values()) == 300 and summary["image_shape"] == [1, 28, 28]
+    key = summary["steps"]["preprocess"]["key"]
+    assert any(k.startswith(f"preprocess-{key}/split=train/") for k in objects(fs, f"from-{source}"))
     assert not list(tmp_path.iterdir())
