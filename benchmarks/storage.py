@@ -38,8 +38,11 @@ RESUME_ARGS = ("--steps", "preprocess,tune,train", "--set", "tune.enabled=false"
 def parse_args():
     p = common.argument_parser(__doc__)
     p.add_argument("--configs", default="smoke,default",
-                   help="comma-separated names from pipelines/configs (default smoke,default)")
-    return p.parse_args()
+                   help="comma-separated names from pipelines/configs (default smoke,default; --quick: smoke)")
+    args = p.parse_args()
+    if args.quick:
+        args.configs = "smoke"
+    return args
 
 
 def mlflow_server(root: Path, s3_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
@@ -98,8 +101,9 @@ def stored_bytes(run_dir: str) -> int:
 
 def full_run(config: str, run_dir: str, data_dir: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
     start_time = time.perf_counter()
-    text = finish(start(command(config, run_dir, data_dir), env, log))
-    summary = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    finish(start(command(config, run_dir, data_dir), env, log))
+    from pipelines import store
+    summary = json.loads(store.read_text(store.join(run_dir, "summary.json")))
     return {"run_dir": run_dir, "seconds": round(time.perf_counter() - start_time, 1),
             "steps": {name: step["seconds"] for name, step in summary["steps"].items()},
             "bytes_written": stored_bytes(run_dir)}

@@ -77,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bucket", default="vaegan")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` too stops the server it started
     with local_s3(args.bucket) as env:
         print("".join(f"export {name}={value}\n" for name, value in env.items()), flush=True)
         print(f"# bucket s3://{args.bucket} is ready; Ctrl-C stops the server", flush=True)
