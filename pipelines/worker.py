@@ -223,7 +223,8 @@ class Validation:
     """Per-epoch held-out figures: ELBO on validation images and a small-sample domain FID."""
 
     def __init__(self, job: TrainJob, cfg: PipelineConfig):
-        images, _ = read_split(store.local_view(job.data_dir) / "split=val", job.image_shape,
+        # Only the val split: on object storage each worker downloads what it reads, not the whole folder.
+        images, _ = read_split(store.local_view(store.join(job.data_dir, "split=val")), job.image_shape,
                                limit=cfg.train.val_images)
         self.images = to_float(torch.from_numpy(images))
         self.featnet = load_feature_net(store.local_view(job.featnet_path))
