@@ -86,8 +86,17 @@ def remove_stale_partials(run_dir: Path) -> list[Path]:
     return stale
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Make the local ``tmp`` visible as ``final`` in one rename, replacing an older ``final`` (a forced rerun)."""
+def publish(tmp: Path, final: str) -> None:
+    """Make the finished local folder ``tmp`` (manifest included) the step's folder ``final``: by one rename in
+    a local run folder, by an upload, manifest last, on object storage."""
+    if store.is_remote(final):
+        publish_remote(tmp, final)
+    else:
+        publish_local(tmp, Path(final))
+
+
+def publish_local(tmp: Path, final: Path) -> None:
+    """Make ``tmp`` visible as ``final`` in one rename, replacing an older ``final`` (a forced rerun)."""
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         final.rename(trash)
@@ -109,15 +118,14 @@ def publish_remote(tmp: Path, final: str) -> None:
     store.write_text(store.join(final, OUTPUTS_FILE), manifest)
 
 
-def step_folders(run_dir: str, name: str, key: str) -> tuple[str, Path]:
-    """Where step ``name`` with ``key`` publishes its outputs, and a new empty local folder to write them into
-    first: hidden beside it in a local run folder (one rename publishes it), a temporary one otherwise."""
-    final = store.join(run_dir, f"{name}-{key}")
+def scratch_folder(run_dir: str, name: str, key: str) -> Path:
+    """A new empty local folder for step ``name`` with ``key`` to write into before ``publish``: hidden in a
+    local run folder (one rename then publishes it), a temporary one for a run folder on object storage."""
     if store.is_remote(run_dir):
-        return final, Path(tempfile.mkdtemp(prefix=f"vaegan-{name}-"))
+        return Path(tempfile.mkdtemp(prefix=f"vaegan-{name}-"))
     tmp = Path(run_dir) / f".{name}-{key}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    return final, tmp
+    return tmp
 
 
 def cached_result(name: str, key: str, final: str) -> StepResult | None:
@@ -160,17 +168,14 @@ def execute_step(name: str, cfg_dict: dict[str, Any], ctx: RunContext, run_it: b
     if not run_it:
         raise ConfigError(f"step '{name}' has no complete outputs for this config in {ctx.run_dir}; "
                           f"add it to --steps (allowed: {', '.join(STEPS)})")
-    final, tmp = step_folders(ctx.run_dir, name, key)
+    tmp = scratch_folder(ctx.run_dir, name, key)
     start = time.perf_counter()
     try:
         print(f"[dag] step {name} ({key}) started", flush=True)
         inputs = step.Inputs(**{n: result.outputs for n, result in ups.items()})
         outputs = step.run(cfg, dataclasses.replace(ctx, step_key=key), inputs, tmp)
         (tmp / OUTPUTS_FILE).write_text(outputs.to_json())  # last: the folder is complete once this exists
-        if store.is_remote(final):
-            publish_remote(tmp, final)
-        else:
-            publish(tmp, Path(final))
+        publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start

@@ -85,29 +85,28 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str, steps: list[str], force: set
     cfg = with_absolute_paths(cfg, run_dir)
     # Cheap checks first, on the driver: a user error ends here, before Ray starts or anything is written.
     remote = store.is_remote(run_dir)
-    if remote:
-        tracking.resolve_tracking_uri(cfg.register.tracking_uri, run_dir)  # needs a server: one line if not
-        store.check_writable(run_dir, "--run-dir")
-    else:
+    if not remote:
         run_dir = str(Path(run_dir).absolute())
         check_run_dir(Path(run_dir))
+    uri = tracking.resolve_tracking_uri(cfg.register.tracking_uri, run_dir)  # on object storage: a server, or one line
+    if remote:
+        store.check_writable(run_dir, "--run-dir")
     cfg.data.check_source()
     check_data_fits(cfg, steps)
     dag.check_steps(cfg, steps)
     if not os.environ.get("RAY_ADDRESS"):
         check_fits(cfg, local_resources(gpus=cfg.train.use_gpu))
     if remote:
-        return run_locked(cfg, run_dir, steps, force)
+        return run_locked(cfg, run_dir, uri, steps, force)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with holding_run_dir(Path(run_dir)):
         for path in dag.remove_stale_partials(Path(run_dir)):
             print(f"[dag] removed {path.name}, left half-written by an interrupted run", flush=True)
-        return run_locked(cfg, run_dir, steps, force)
+        return run_locked(cfg, run_dir, uri, steps, force)
 
 
-def run_locked(cfg: PipelineConfig, run_dir: str, steps: list[str], force: set[str]) -> dict[str, Any]:
-    """The rest of ``run_pipeline``, while this driver alone holds the run folder."""
-    uri = tracking.resolve_tracking_uri(cfg.register.tracking_uri, run_dir)
+def run_locked(cfg: PipelineConfig, run_dir: str, uri: str, steps: list[str], force: set[str]) -> dict[str, Any]:
+    """The rest of ``run_pipeline``, while this driver alone holds the run folder; ``uri`` is the tracking URI."""
     if cfg.register.tracking_uri:  # it goes into the run's params: without the credentials it may have held
         cfg = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, tracking_uri=uri))
     experiment_id = tracking.ensure_experiment(uri, cfg.register.experiment, run_dir)  # fails before any compute

@@ -222,12 +222,11 @@ def _read_file(fs: pafs.FileSystem, path: str, name: str) -> bytes:
 def parquet_rows(source: str) -> int:
     """The Parquet source's row count, its schema checked, from the files' footers alone."""
     fs, root = store.filesystem(source) if source else (None, "")
-    if fs is None or fs.get_file_info(root).type == pafs.FileType.NotFound:
-        files = []
-    elif fs.get_file_info(root).type == pafs.FileType.File:
+    found = fs.get_file_info(root).type if fs is not None else pafs.FileType.NotFound
+    if found == pafs.FileType.File:
         files = [root]
     else:
-        files = [info.path for info in listed_files(source, ".parquet")]
+        files = [] if found == pafs.FileType.NotFound else [info.path for info in listed_files(source, ".parquet")]
     if not files:
         raise PreprocessError(f"Parquet source {source or '(none)'} holds no .parquet file; allowed: a Parquet file "
                               "or a folder holding .parquet files (data.format=parquet)")
