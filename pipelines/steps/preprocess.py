@@ -69,15 +69,16 @@ class Outputs(StepOutputs):
         """The domain feature net of this dataset (path or URI, name): trained on its train split once, then
         cached in the folder or object-storage prefix ``cache`` (``RunContext.featnet_cache``) by the data
         fingerprint."""
-        fingerprint = self.manifest["fingerprint"]
-        cached = store.join(cache, f"featnet-{fingerprint}.pt")  # vaegan.featnet.feature_net_path's name
+        from vaegan.featnet import feature_net_path
+        file_name = feature_net_path("", self.manifest["fingerprint"]).name
+        cached = store.join(cache, file_name)
         if not store.is_remote(cache):
             return cached, self._load_or_train_feature_net(Path(cache), cfg)
         if store.exists(cached):
             return cached, self._load_or_train_feature_net(store.local_view(cached).parent, cfg)
         with tempfile.TemporaryDirectory(prefix="vaegan-featnet-") as local:
             name = self._load_or_train_feature_net(Path(local), cfg)
-            store.upload(Path(local, f"featnet-{fingerprint}.pt"), cached)
+            store.upload(Path(local, file_name), cached)
         return cached, name
 
     def _load_or_train_feature_net(self, cache: Path, cfg: EvalConfig) -> str:
