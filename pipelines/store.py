@@ -12,13 +12,18 @@ Two storage quirks are handled here, once:
   reads ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` and gives it to pyarrow, and Ray gets that filesystem
   (``RunConfig(storage_filesystem=...)``), never the bare URI.
 - Credentials are never passed explicitly: pyarrow then reads them from the standard AWS variables or files
-  on each node, so a pickled filesystem (Ray ships it to every worker) carries no secret.
+  (for GCS, Application Default Credentials) on each node, so a pickled filesystem (Ray ships it to every
+  worker) carries no secret.
+- pyarrow's GcsFileSystem ignores ``STORAGE_EMULATOR_HOST``, the variable with which Google's own client
+  libraries reach a GCS emulator; ``filesystem`` reads it the same way, so tests and local trials need no
+  code path of their own.
 
 Object stores have no rename, so a folder cannot appear complete in one step; the DAG instead makes a
 step's manifest object the last thing it writes (``pipelines/dag.py``).
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import re
@@ -39,9 +44,16 @@ def is_remote(uri: str | os.PathLike) -> bool:
     return bool(sep) and scheme in REMOTE_SCHEMES
 
 
-def endpoint() -> str:
-    """The S3-compatible endpoint the standard AWS variables name ("" for AWS itself)."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+def endpoint(uri: str | os.PathLike) -> str:
+    """The endpoint the standard variables name for ``uri``'s store ("" for the cloud's own): for S3,
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; for GCS, ``STORAGE_EMULATOR_HOST``."""
+    if _scheme(uri) == "s3":
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return os.environ.get("STORAGE_EMULATOR_HOST", "")
+
+
+def _scheme(uri: str | os.PathLike) -> str:
+    return str(uri).partition("://")[0]
 
 
 def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -50,12 +62,11 @@ def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     uri = str(uri)
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri).absolute())
-    scheme, path = uri.split("://", 1)
-    path = path.strip("/")
-    if scheme == "s3":
+    path = uri.split("://", 1)[1].strip("/")
+    if _scheme(uri) == "s3":
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(endpoint(), region), path
-    return pafs.GcsFileSystem(), path
+        return _s3(endpoint(uri), region), path
+    return _gcs(endpoint(uri)), path
 
 
 @functools.cache
@@ -65,6 +76,19 @@ def _s3(endpoint_url: str, region: str | None) -> pafs.S3FileSystem:
     kwargs = {"endpoint_override": endpoint_url} if endpoint_url else {}
     return pafs.S3FileSystem(region=region or "us-east-1", connect_timeout=5, request_timeout=60,
                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3), **kwargs)
+
+
+@functools.cache
+def _gcs(emulator: str) -> pafs.GcsFileSystem:
+    """One GcsFileSystem per endpoint in a process; an emulator (``host:port`` or ``http://host:port``) is
+    reached anonymously, as Google's client libraries do. Retries end after 15 seconds instead of 15 minutes,
+    so that an endpoint that does not answer fails about as fast as an S3 one."""
+    retries = datetime.timedelta(seconds=15)
+    if not emulator:
+        return pafs.GcsFileSystem(retry_time_limit=retries)
+    scheme, _, host = emulator.rpartition("://")
+    return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=scheme or "http",
+                              retry_time_limit=retries)
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
@@ -110,7 +134,11 @@ def delete(uri: str | os.PathLike) -> None:
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+        # Contents first: on GCS, delete_dir fails on a prefix with objects but no directory-marker object (one
+        # written object by object), after deleting those objects. What is left then is a marker, if any.
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
 
@@ -157,7 +185,7 @@ def check_writable(uri: str, what: str) -> None:
         write_text(probe, "")
         delete(probe)
     except OSError as err:
-        raise ConfigError(f"{where} cannot be written: {_refusal(err)}") from None
+        raise ConfigError(f"{where} cannot be written: {_refusal(uri, err)}") from None
 
 
 def check_readable(uri: str, what: str) -> None:
@@ -167,7 +195,7 @@ def check_readable(uri: str, what: str) -> None:
     try:
         found = fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as err:
-        raise ConfigError(f"{where}: {_refusal(err)}") from None
+        raise ConfigError(f"{where}: {_refusal(uri, err)}") from None
     if not found:
         raise ConfigError(f"{where} does not exist; allowed: a Parquet file or a prefix of Parquet files or "
                           "images in an existing bucket")
@@ -178,24 +206,34 @@ def _check_bucket(uri: str, what: str) -> str:
     (and the endpoint), as messages name them."""
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
-    where = f"{what} {uri!r}" + (f" at endpoint {endpoint()}" if endpoint() else "")
+    where = f"{what} {uri!r}" + (f" at endpoint {endpoint(uri)}" if endpoint(uri) else "")
     try:
         info = fs.get_file_info(bucket)
     except OSError as err:
-        raise ConfigError(f"{where}: {_refusal(err)}") from None
+        raise ConfigError(f"{where}: {_refusal(uri, err)}") from None
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{where}: bucket {bucket!r} does not exist; allowed: an existing bucket "
                           "(vaegan creates no buckets)")
     return where
 
 
-def _refusal(err: OSError) -> str:
+# What each store says when it refuses credentials, and where its users set them and its endpoint.
+_DENIED = {"s3": ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "UNRECOGNIZED_CLIENT"),
+           "gs": ("PERMISSION_DENIED", "UNAUTHENTICATED")}
+_CREDENTIALS = {"s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws",
+                "gs": "Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS or the node's service account)"}
+_ENDPOINTS = {"s3": "AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible store",
+              "gs": "STORAGE_EMULATOR_HOST for a GCS emulator"}
+
+
+def _refusal(uri: str, err: OSError) -> str:
     """What the store said, in one line, with what would be allowed instead."""
-    found = re.search(r"AWS Error (\w+) during (\w+) operation", str(err))
+    store = "s3" if _scheme(uri) == "s3" else "gs"
+    found = (re.search(r"AWS Error (\w+) during (\w+) operation", str(err))
+             or re.search(r"google::cloud::Status\((\w+):.*?gcloud-cpp\.retry\.function=(\w+)", str(err)))
     code, operation = found.groups() if found else ("", "")
-    if code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "UNRECOGNIZED_CLIENT"):
+    if code in _DENIED[store]:
         return (f"the store refuses these credentials ({code} on {operation}); allowed: credentials that may "
-                "read and write the bucket, from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws")
+                f"read and write the bucket, from {_CREDENTIALS[store]}")
     what = f"{code} on {operation}" if code else str(err).splitlines()[0]
-    return (f"the store cannot be reached ({what}); allowed: an endpoint that answers (AWS_ENDPOINT_URL or "
-            "AWS_ENDPOINT_URL_S3 for an S3-compatible store)")
+    return f"the store cannot be reached ({what}); allowed: an endpoint that answers ({_ENDPOINTS[store]})"

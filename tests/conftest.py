@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from deploy.local_s3 import free_port
+from deploy.local_server import free_port, tracking_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,35 +93,12 @@ def wait_for_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop a server started with start_new_session, children included."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", 120, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc)
-        log.close()
+    with tracking_server(root, str(root / "artifacts")) as uri:
+        yield uri
 
 
 def session_pids(session: int, title: str = "") -> list[int]:
@@ -203,24 +180,12 @@ def auth_server(tmp_path_factory):
     with open(root / "auth.ini", "w") as f:
         config.write(f)
     admin_password, user_password = secrets.token_hex(16), secrets.token_hex(16)
-    port = free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{uri}/health", 120, proc)
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    with tracking_server(root, str(root / "artifacts"), env, app_name="basic-auth") as uri:
         assert api(uri, "users/create", {"username": "pipeline-bot", "password": user_password},
                    ("admin", admin_password)) == 200
         yield {"uri": uri, "user": "pipeline-bot", "password": user_password}
-    finally:
-        stop_group(proc)
-        log.close()
 
 
 def api(uri: str, endpoint: str, body: dict | None, auth: tuple[str, str] | None) -> int:
@@ -268,19 +233,9 @@ def s3(tmp_path_factory):
 def s3_mlflow(s3, tmp_path_factory):
     """A tracking server that proxies artifacts to the bucket (``--artifacts-destination s3://…``)."""
     root = tmp_path_factory.mktemp("s3-mlflow")
-    port = free_port()
-    env = {**os.environ, **s3, "MLFLOW_S3_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"],
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/health", 120, proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_group(proc)
+    env = {**s3, "MLFLOW_S3_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"]}
+    with tracking_server(root, f"s3://{BUCKET}/mlartifacts", env) as uri:
+        yield uri
 
 
 def bucket_fs(s3: dict[str, str]) -> pafs.S3FileSystem:

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, free_port, run_cli, stop_group, wait_for_http
+from conftest import BIN, REPO, free_port, run_cli, wait_for_http
 from mlflow.tracking import MlflowClient
+
+from deploy.local_server import stop_group
 
 SMOKE = "pipelines/configs/smoke.yaml"
 

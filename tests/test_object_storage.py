@@ -4,7 +4,8 @@ credentials checked), a real `mlflow server` whose artifacts live in the bucket,
 One run folder ``s3://BUCKET/run`` goes through the smoke DAG twice: the first driver is SIGKILLed once Ray
 Train has recorded a checkpoint in the bucket, the second finishes from it. Then a third run changes nothing,
 and a process with no AWS credentials pulls the registered model through the tracking server. Each driver
-runs in an empty working directory, which must stay empty.
+runs in an empty working directory, which must stay empty. A smoke run on ``gs://`` (a local GCS emulator,
+``deploy/local_gcs.py``) checks that the same code serves Google Cloud Storage.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def s3_run(s3, s3_mlflow, tmp_path_factory):
         time.sleep(0.2)
     sigkill_session(first.pid)
     first.wait()
+    first.log.seek(0)
+    killed_output = first.log.read()
     after_kill = objects(fs, "run")
 
     second = vaegan(workdirs[1], env, *run_args(run_dir))
@@ -70,8 +73,8 @@ def s3_run(s3, s3_mlflow, tmp_path_factory):
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     with fs.open_input_stream(f"{BUCKET}/run/summary.json") as f:
         summary = json.loads(f.read())
-    return {"env": env, "fs": fs, "workdirs": workdirs, "after_kill": after_kill, "second": second,
-            "third": third, "summary": summary}
+    return {"env": env, "fs": fs, "workdirs": workdirs, "after_kill": after_kill, "killed_output": killed_output,
+            "second": second, "third": third, "summary": summary}
 
 
 def test_a_run_on_s3_writes_its_steps_and_summary_to_the_bucket_and_nothing_locally(s3_run):
@@ -102,6 +105,25 @@ def test_a_rerun_on_s3_finds_every_step_complete(s3_run):
     assert "nothing to run, so no Ray is started" in third
     steps = json.loads(third[third.index("{"):third.rindex("}") + 1])["steps"]
     assert {step["status"] for step in steps.values()} == {"cached"}
+
+
+def test_the_keys_are_written_nowhere_in_the_bucket_the_output_or_mlflow(s3_run):
+    """pyarrow reads the keys from each process's environment; none is passed on, so none can be written."""
+    from mlflow.tracking import MlflowClient
+    keys = [s3_run["env"]["AWS_ACCESS_KEY_ID"], s3_run["env"]["AWS_SECRET_ACCESS_KEY"]]
+    fs, leaks = s3_run["fs"], []
+    for prefix in ("run", "mlartifacts"):
+        for key in objects(fs, prefix):
+            with fs.open_input_stream(f"{BUCKET}/{prefix}/{key}") as f:
+                content = f.read()
+            leaks += [f"{prefix}/{key}" for secret in keys if secret.encode() in content]
+    output = s3_run["killed_output"] + "".join(r.stdout + r.stderr for r in (s3_run["second"], s3_run["third"]))
+    leaks += ["the drivers' output" for secret in keys if secret in output]
+    client = MlflowClient(s3_run["env"]["MLFLOW_TRACKING_URI"])
+    for run in client.search_runs([client.get_experiment_by_name("s3").experiment_id], max_results=1000):
+        recorded = " ".join([*run.data.params.values(), *run.data.tags.values()])
+        leaks += [f"MLflow run {run.info.run_name}" for secret in keys if secret in recorded]
+    assert not leaks
 
 
 def test_a_process_without_aws_credentials_pulls_the_model_through_the_server(s3_run, tmp_path):
@@ -167,3 +189,58 @@ def test_a_source_on_s3_is_preprocessed_where_it_lives(s3, s3_mlflow, tmp_path, 
     key = summary["steps"]["preprocess"]["key"]
     assert any(k.startswith(f"preprocess-{key}/split=train/") for k in objects(fs, f"from-{source}"))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A local GCS emulator (``deploy/local_gcs.py``) with BUCKET; the STORAGE_EMULATOR_HOST that reaches it."""
+    from deploy.local_gcs import local_gcs
+    with local_gcs(BUCKET, log=tmp_path_factory.mktemp("gcs") / "emulator.log") as env:
+        yield env
+
+
+def test_a_run_on_gcs_keeps_its_steps_and_checkpoints_in_the_bucket_and_reruns_cached(gcs, mlflow_server, tmp_path,
+                                                                                      monkeypatch):
+    """The same codec, for gs://: pyarrow's GcsFileSystem under Ray Train, Ray Data and the DAG's manifests."""
+    from pipelines import store
+    env = {**gcs, "MLFLOW_TRACKING_URI": mlflow_server}
+    args = ["run", "--config", SMOKE, "--set", "tune.enabled=false", "--set", "register.model_name=vaegan-gcs",
+            "--set", "register.experiment=gcs", "--run-dir", f"gs://{BUCKET}/run"]
+    first, rerun = tmp_path / "first", tmp_path / "rerun"
+    first.mkdir(), rerun.mkdir()
+    done = vaegan(first, env, *args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    again = vaegan(rerun, env, *args).stdout
+    steps = json.loads(again[again.index("{"):again.rindex("}") + 1])["steps"]
+    assert {step["status"] for step in steps.values()} == {"cached"}, again[-3000:]
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs["STORAGE_EMULATOR_HOST"])  # for this process's own look
+    stored = objects(store.filesystem(f"gs://{BUCKET}")[0], "run")
+    summary = json.loads(store.read_text(f"gs://{BUCKET}/run/summary.json"))
+    assert summary["run_dir"] == f"gs://{BUCKET}/run" and summary["model_uri"] == "models:/vaegan-gcs@champion"
+    for name, step in summary["steps"].items():
+        assert f"{name}-{step['key']}/outputs.json" in stored, sorted(stored)
+    assert any(k.startswith("ray/train-") and "/checkpoint_" in k for k in stored), "Ray Train's checkpoints"
+    assert not list(first.iterdir()) and not list(rerun.iterdir())
+
+
+# What pyarrow's GcsFileSystem raised here against an emulator port that nothing listens on, and the start of what
+# it raises for a key that may not read the bucket.
+GCS_UNREACHABLE = ("google::cloud::Status(UNAVAILABLE: Retry policy exhausted, with a last message of PerformWork() - "
+                   "CURL error [7]=Could not connect to server error_info={reason=, domain=, metadata={"
+                   "gcloud-cpp.retry.on-entry=false, gcloud-cpp.retry.function=GetBucketMetadata, "
+                   "gcloud-cpp.retry.reason=retry-policy-exhausted}")
+GCS_DENIED = ("google::cloud::Status(PERMISSION_DENIED: Permanent error, with a last message of Received HTTP status "
+              "code: 403 error_info={reason=, domain=, metadata={gcloud-cpp.retry.function=GetBucketMetadata}")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (GCS_UNREACHABLE, "cannot be reached (UNAVAILABLE on GetBucketMetadata); allowed: an endpoint that answers "
+                      "(STORAGE_EMULATOR_HOST"),
+    (GCS_DENIED, "refuses these credentials (PERMISSION_DENIED on GetBucketMetadata); allowed: credentials that may "
+                 "read and write the bucket, from Application Default Credentials"),
+])
+def test_a_gcs_refusal_reads_as_one_line_with_what_is_allowed(error, expected):
+    from pipelines import store
+    message = store._refusal(f"gs://{BUCKET}/run", OSError(error))
+    assert expected in message and "\n" not in message and "AWS" not in message
