@@ -35,19 +35,34 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
 
 @contextlib.contextmanager
 def server(command: list[str], port: int, log: Path | None = None, env: dict[str, str] | None = None,
-           timeout: float = 60) -> Iterator[None]:
+           timeout: float = 60) -> Iterator[subprocess.Popen]:
     """``command``, a server in its own session, from when it listens on ``port`` (within ``timeout`` s) until
-    the block ends; then SIGTERM to its session, SIGKILL if it has not ended 20 s later."""
+    the block ends; yields its process."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         wait_for_port(port, proc, timeout)
-        yield
+        yield proc
     finally:
         stop_group(proc)
         if log:
             out.close()
+
+
+def wait_for_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    """Until ``url`` answers 200 (a server's port opens before its app is ready), or ``proc`` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -72,15 +87,8 @@ def tracking_server(root: Path, artifacts: str, env: dict[str, str] | None = Non
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts,
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with server(command, port, root / "server.log", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
-                timeout=120):
-        deadline = time.time() + 120
-        while True:  # the port opens before the app (its store's migrations) is ready
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-            if time.time() > deadline:
-                raise TimeoutError(f"{uri}/health did not answer within 120 s; see {root / 'server.log'}")
-            time.sleep(0.5)
+                timeout=120) as proc:
+        wait_for_http(f"{uri}/health", 120, proc)
         yield uri
 
 

@@ -24,9 +24,9 @@ from PIL import Image
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, BUCKET, REPO, bucket_fs, free_port, objects, wait_for_http
+from conftest import BIN, BUCKET, REPO, bucket_fs, free_port, objects
 
-from deploy.local_server import stop_group
+from deploy.local_server import stop_group, wait_for_http
 
 SMOKE = "pipelines/configs/smoke.yaml"
 MODEL = "vaegan-deploy-test"

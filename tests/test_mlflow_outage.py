@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, free_port, run_cli, wait_for_http
+from conftest import BIN, REPO, free_port, run_cli
 from mlflow.tracking import MlflowClient
 
-from deploy.local_server import stop_group
+from deploy.local_server import stop_group, wait_for_http
 
 SMOKE = "pipelines/configs/smoke.yaml"
 
