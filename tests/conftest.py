@@ -26,6 +26,12 @@ from deploy.local_server import free_port, tracking_server
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# One torch thread per process, in this process and every one it starts (the CLI, Ray's workers, servers): the
+# suite keeps both cores busy with two test processes, and torch's OpenMP threads spin while they wait for each
+# other, so two 2-thread torch processes at once run each step 4.4x slower than one alone, against 1.3x for two
+# 1-thread ones (benchmarks/contention.py). Ray leaves an OMP_NUM_THREADS it finds set. A value of your own wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 # README's test command runs the suite in two processes (pytest-xdist, ``-n 2``): about a third of a serial run's
 # wall time is waiting (a Ray starting, a server answering, a subprocess), which the other process fills. A
