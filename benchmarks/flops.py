@@ -149,9 +149,10 @@ def costliest_conv(cfg: VAEGANConfig) -> tuple[nn.Conv2d, torch.Tensor]:
     return max(seen, key=lambda pair: forward_flops(*pair))
 
 
-def machine_gflops(cfg: VAEGANConfig) -> dict[str, Any]:
+def machine_gflops(cfg: VAEGANConfig, windows: int = 6) -> dict[str, Any]:
     """fp32 GFLOP/s of a large matmul and of the step's costliest convolution (forward, and forward plus
-    both gradients), at torch's current thread count."""
+    both gradients), at torch's current thread count; each the median of ``windows`` half-second windows
+    (``--quick``: 1, a check of the layout)."""
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     conv, x = costliest_conv(cfg)
@@ -162,10 +163,10 @@ def machine_gflops(cfg: VAEGANConfig) -> dict[str, Any]:
         conv(leaf).sum().backward()
 
     with torch.no_grad():
-        forward = sustained_gflops(lambda: conv(x), forward_flops(conv, x))
-    return {"torch_threads": torch.get_num_threads(), "matmul": round(sustained_gflops(lambda: a @ b, 2 * n**3), 1),
+        forward = sustained_gflops(lambda: conv(x), forward_flops(conv, x), windows)
+    return {"torch_threads": torch.get_num_threads(), "matmul": round(sustained_gflops(lambda: a @ b, 2 * n**3, windows), 1),
             "matmul_shape": [n, n, n], "conv_forward": round(forward, 1),
-            "conv_forward_backward": round(sustained_gflops(train_conv, count(train_conv)), 1),
+            "conv_forward_backward": round(sustained_gflops(train_conv, count(train_conv), windows), 1),
             "conv_shape": {"input": list(x.shape), "weight": list(conv.weight.shape), "stride": conv.stride[0]}}
 
 
@@ -179,7 +180,7 @@ def main() -> None:
     figures = step_figures(cfg)
     result = {"ratios": {k: figures[k] for k in ("step_over_floor_flops", "vaegan_over_vae_flops",
                                                   "floor_over_vae_flops")},
-              "flops": figures, "machine_gflops": machine_gflops(cfg),
+              "flops": figures, "machine_gflops": machine_gflops(cfg, windows=1 if args.quick else 6),
               "setup": {"config": config, "image_shape": [cfg.model.channels, cfg.model.image_size,
                                                           cfg.model.image_size],
                         "base_channels": cfg.model.base_channels, "latent_dim": cfg.model.latent_dim}}

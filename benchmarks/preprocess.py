@@ -29,7 +29,7 @@ pyarrow).
 Run from the repository root, under the shared Ray lock (2-core times; the first run also writes the PNG
 files, ~1 min for 50,000):
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/preprocess.py          # 70,000 IDX + 50,000 PNG, ~3 min
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/preprocess.py --quick  # 5,000 IDX + 2,000 PNG, ~1.5 min
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/preprocess.py --quick  # 2,000 IDX + 500 PNG, ~1 min
 Results: benchmarks/results/preprocess.json (--quick: preprocess_quick.json; --out to change).
 """
 from __future__ import annotations
@@ -60,11 +60,11 @@ PNG_CHUNK = 2500  # images per generation task
 
 def parse_args():
     p = common.argument_parser(__doc__)
-    p.add_argument("--limit", type=int, default=None, help="data.limit (default 0: all 70,000; --quick: 5000)")
-    p.add_argument("--images", type=int, default=None, help="PNG files to generate (default 50000; --quick: 2000)")
+    p.add_argument("--limit", type=int, default=None, help="data.limit (default 0: all 70,000; --quick: 2000)")
+    p.add_argument("--images", type=int, default=None, help="PNG files to generate (default 50000; --quick: 500)")
     args = p.parse_args()
-    args.limit = args.limit if args.limit is not None else (5000 if args.quick else 0)
-    args.images = args.images if args.images is not None else (2000 if args.quick else 50000)
+    args.limit = args.limit if args.limit is not None else (2000 if args.quick else 0)
+    args.images = args.images if args.images is not None else (500 if args.quick else 50000)
     args.out = common.result_path(args, "preprocess")
     return args
 

@@ -28,8 +28,8 @@ BIN = Path(sys.executable).parent
 
 # One torch thread per process, in this process and every one it starts (the CLI, Ray's workers, servers): the
 # suite keeps both cores busy with two test processes, and torch's OpenMP threads spin while they wait for each
-# other, so two 2-thread torch processes at once run each step 4.4x slower than one alone, against 1.3x for two
-# 1-thread ones (benchmarks/contention.py). Ray leaves an OMP_NUM_THREADS it finds set. A value of your own wins.
+# other, so two 2-thread torch processes at once ran each train step 29.6x slower than one alone, and two 1-thread
+# ones 1.29x (benchmarks/results/contention.json). Ray leaves an OMP_NUM_THREADS it finds set. A value of your own wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -135,22 +135,30 @@ def ray_head(env: dict[str, str], *flags: str):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def shared_ray():
-    """One Ray head per test process, for the CLI runs and benchmarks whose tests are not about how the pipeline
-    starts and stops its own Ray: they join it at RAY_ADDRESS (as under `ray job submit` or on a user's
-    cluster), which saves each of them a local Ray's start and stop (~12 s on 2 cores). Set up as
-    ``pipelines.cluster.start_local_ray`` sets up a local one: Train's placement-group cleaner finds this Ray's
-    state API by address (other Rays run on the machine), no preemption watcher. Its workers get the head's
-    environment, not a joining driver's: a test that hands its workers variables of its own starts its own Ray."""
+@contextlib.contextmanager
+def head_for_runs(workers_env: dict[str, str] | None = None):
+    """A Ray head that CLI runs and benchmarks join at RAY_ADDRESS (as under `ray job submit` or on a user's
+    cluster), which saves each of them a local Ray's start and stop (~12 s on 2 cores); yields the variables
+    that join it. Set up as ``pipelines.cluster.start_local_ray`` sets up a local one: Train's placement-group
+    cleaner finds this Ray's state API by address (other Rays run on the machine), no preemption watcher. Its
+    workers get the head's environment plus ``workers_env``, not a joining driver's."""
     dashboard = free_port()
     # Token auth with ~/.ray/auth_token, like every local Ray here; a driver that joins a cluster assumes no
     # auth unless RAY_AUTH_MODE says so.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
-           "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env = {**os.environ, **(workers_env or {}), "RAY_AUTH_MODE": "token",
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     with ray_head(env, "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                   f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={os.cpu_count()}", "--num-gpus=0") as address:
         yield {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One Ray head per test process (``head_for_runs``), for the CLI runs and benchmarks whose tests are not
+    about how the pipeline starts and stops its own Ray. A test whose workers need variables of their own
+    starts a head with them, or its own Ray."""
+    with head_for_runs() as join:
+        yield join
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -2,8 +2,8 @@
 has the layout of the committed full run (benchmarks/results/<name>.json: every block, every key of each
 block, ``command`` and ``machine``), with finite, positive figures. The throughput, sweep and quality scripts
 join the test process's shared Ray head (RAY_ADDRESS, conftest's ``shared_ray``); preprocess measures a
-fresh local Ray's start-up, so it starts its own. Six Ray Train runs (2 throughput, 2 sweep trials,
-2 quality pipelines) at ~20 s of start-up each (Train controller, worker group) set the floor; their epochs
+fresh local Ray's start-up, so it starts its own. Four Ray Train runs (1 throughput, 2 sweep trials,
+1 quality pipeline) at ~20 s of start-up each (Train controller, worker group) set the floor; their epochs
 take seconds."""
 from __future__ import annotations
 
@@ -56,15 +56,16 @@ def positive(value) -> bool:
 
 def test_throughput_quick(tmp_path, work_dir, shared_ray):
     result = run_quick("throughput", tmp_path, work_dir, shared_ray)
-    for part in ("bare", "bare_at_worker_threads", "ray_train_1w", "ray_train_2w", "bare_vae"):
+    for part in ("bare", "bare_at_worker_threads", "ray_train_1w", "bare_vae"):
         assert positive(result[part]["images_per_s"]) and result[part]["torch_threads"] >= 1, part
         assert result[part]["nonfinite_skipped"] == 0, part
-    assert result["ray_train_1w"]["workers"] == 1 and result["ray_train_2w"]["workers"] == 2
+    assert result["ray_train_1w"]["workers"] == 1
     assert positive(result["ray_train_1w"]["wall_seconds"])
     assert result["bare_at_worker_threads"]["torch_threads"] == result["ray_train_1w"]["torch_threads"]
-    assert result["pythae"] == {"skipped": "--quick"} and result["ratios"]["pythae_over_bare"] is None
-    assert all(positive(result["ratios"][k]) for k in ("ray_train_1w_over_bare", "ddp_2w_over_1w",
-                                                        "vaegan_over_vae_step_time", "fraction_of_peak"))
+    assert result["ray_train_2w"] == result["pythae"] == {"skipped": "--quick"}
+    assert result["ratios"]["pythae_over_bare"] is None and result["ratios"]["ddp_2w_over_1w"] is None
+    assert all(positive(result["ratios"][k]) for k in ("ray_train_1w_over_bare", "vaegan_over_vae_step_time",
+                                                        "fraction_of_peak"))
     assert result["ratios"]["ours_over_pythae"] is None
     assert result["ratios"]["step_over_floor_flops"] == pytest.approx(1.0, abs=0.005)  # the step is at its floor
     assert positive(result["step_flops_per_image"]) and result["flops"]["floor_over_vae_flops"] > 1
@@ -86,16 +87,16 @@ def test_flops_quick(tmp_path, work_dir):
 
 def test_preprocess_quick(tmp_path, work_dir):
     result = run_quick("preprocess", tmp_path, work_dir)
-    assert result["setup"]["limit"] == 5000
+    assert result["setup"]["limit"] == 2000
     for side in ("ray_data", "numpy"):
-        assert result[side]["rows"] == 5000, side
+        assert result[side]["rows"] == 2000, side
         assert all(positive(result[side][k]) for k in ("seconds", "rows_per_s", "peak_rss_mb")), side
     assert result["same_output"] is True  # same rows, same split: the same manifest fingerprint
     assert positive(result["ratios"]["ray_over_numpy_time"])
     png = result["png_folder"]
-    assert png["images"] == png["source"]["images"] == 2000
+    assert png["images"] == png["source"]["images"] == 500
     for side in ("ray_data", "script"):
-        assert png[side]["rows"] == 2000, side
+        assert png[side]["rows"] == 500, side
         assert all(positive(png[side][k]) for k in ("seconds", "rows_per_s", "peak_rss_mb")), side
     assert png["same_output"] is True
     assert all(positive(result["ratios"][k]) for k in ("ray_over_script_png_time", "ray_over_script_png_peak_rss"))
@@ -112,20 +113,18 @@ def test_sweep_quick(tmp_path, work_dir, shared_ray):
     assert 0 < result["ratios"]["asha_compute_fraction"] <= 1
 
 
-@pytest.mark.parametrize("system", ["vae", "vaegan"])
-def test_quality_quick(system, quality_quick):
-    block = quality_quick[system]
+def test_quality_quick(tmp_path, work_dir, shared_ray):
+    """--quick runs the plain VAE's pipeline, the one model kind no other test registers; every other test's
+    pipeline trains the VAE-GAN."""
+    result = run_quick("quality", tmp_path, work_dir, shared_ray)
+    block = result["vae"]
     assert QUALITY_METRICS == block["metrics"].keys()
     for name, figure in block["metrics"].items():
         assert len(figure["per_seed"]) == 1 and figure["std"] == 0.0, name
         assert math.isfinite(figure["mean"]), name
     assert all(positive(block["metrics"][k]["mean"]) for k in ("fid", "recon_mse", "iwae_nll"))
-    assert block["model_uri"] == f"models:/bench-quality-{system}@champion"
-    assert block["runs"][0]["model_uri"] == f"models:/bench-quality-{system}/1"
-    assert quality_quick["pythae_vaegan"] == {"skipped": "--quick"}
-    assert quality_quick["tracking_uri"].startswith("sqlite:///")
-
-
-@pytest.fixture(scope="module")
-def quality_quick(tmp_path_factory, work_dir, shared_ray):
-    return run_quick("quality", tmp_path_factory.mktemp("quality"), work_dir, shared_ray)
+    assert block["model_uri"] == "models:/bench-quality-vae@champion"
+    assert block["runs"][0]["model_uri"] == "models:/bench-quality-vae/1"
+    assert result["vaegan"] == result["pythae_vaegan"] == {"skipped": "--quick"}
+    assert result["ratios"]["vaegan_over_vae_fid"] is None
+    assert result["tracking_uri"].startswith("sqlite:///")

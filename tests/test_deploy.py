@@ -83,11 +83,13 @@ def job_status(cluster, submission_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def smoke_job(cluster, mlflow_server, tmp_path_factory):
-    """The smoke pipeline submitted to the two-node cluster, 2 Train workers (one per node's CPU)."""
+    """The smoke pipeline submitted to the two-node cluster, 2 Train workers (one per node's CPU). Its sweep is
+    off: a trial is a Train run like any other, and the suite's sweeps run in test_pipeline and test_object_storage."""
     run_dir = tmp_path_factory.mktemp("job-run")
     start = time.time()
-    proc = submit(cluster, mlflow_server, run_dir, "--set", "train.num_workers=2", "--set", f"register.model_name={MODEL}",
-                  "--set", "register.experiment=deploy-test", submission_id="vaegan-smoke-job")
+    proc = submit(cluster, mlflow_server, run_dir, "--set", "tune.enabled=false", "--set", "train.num_workers=2",
+                  "--set", f"register.model_name={MODEL}", "--set", "register.experiment=deploy-test",
+                  submission_id="vaegan-smoke-job")
     return {"proc": proc, "run_dir": run_dir, "seconds": time.time() - start}
 
 

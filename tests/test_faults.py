@@ -27,7 +27,8 @@ def start(run_dir: Path, env: dict) -> subprocess.Popen:
     command = [str(BIN / "vaegan"), "run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir),
                "--steps", "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "train.epochs=4",
                "--set", "train.num_workers=2", "--set", "register.experiment=faults"]
-    log = open(run_dir.parent / f"{run_dir.name}-attempt-{time.time_ns()}.log", "w+")
+    # errors="replace": read while being written, it may end in a cut character
+    log = open(run_dir.parent / f"{run_dir.name}-attempt-{time.time_ns()}.log", "w+", errors="replace")
     # Its own session, so the kill below takes the driver together with the local Ray it started.
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)

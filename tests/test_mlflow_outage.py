@@ -49,7 +49,8 @@ def start_run(run_dir: Path, uri: str, epochs: int, model_name: str, ray: dict[s
     command = [str(BIN / "vaegan"), "run", "--config", SMOKE, "--run-dir", str(run_dir),
                "--set", "tune.enabled=false", "--set", "eval.baseline_vae=false", "--set", f"train.epochs={epochs}",
                "--set", "register.experiment=outage", "--set", f"register.model_name={model_name}"]
-    log = open(run_dir.parent / f"{run_dir.name}-{time.time_ns()}.log", "w+")
+    # errors="replace": read while being written, it may end in a cut character
+    log = open(run_dir.parent / f"{run_dir.name}-{time.time_ns()}.log", "w+", errors="replace")
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **ray, "MLFLOW_TRACKING_URI": uri}, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     proc.log = log

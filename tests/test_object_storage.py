@@ -1,11 +1,14 @@
 """The pipeline on object storage: a real S3 endpoint on 127.0.0.1 (``deploy/local_s3.py``, moto's server, with
 credentials checked), a real `mlflow server` whose artifacts live in the bucket, and a real local Ray.
 
-One run folder ``s3://BUCKET/run`` goes through the smoke DAG twice: the first driver is SIGKILLed once Ray
-Train has recorded a checkpoint in the bucket, the second finishes from it. Then a third run changes nothing,
-and a process with no AWS credentials pulls the registered model through the tracking server. Each driver
-runs in an empty working directory, which must stay empty. A smoke run on ``gs://`` (a local GCS emulator,
-``deploy/local_gcs.py``) checks that the same code serves Google Cloud Storage.
+One run folder ``s3://BUCKET/run`` goes through the smoke DAG twice: the first driver is SIGKILLed, with the
+local Ray it started, once Ray Train has recorded a checkpoint in the bucket; the second finishes from it. Then
+a third run changes nothing, and a process with no AWS credentials pulls the registered model through the
+tracking server. Each driver runs in an empty working directory, which must stay empty. A smoke run on
+``gs://`` (a local GCS emulator, ``deploy/local_gcs.py``) checks that the same code serves Google Cloud
+Storage. The runs from a source in the bucket and on ``gs://`` join one Ray head (``stores_ray``) instead
+of each starting a local Ray: its workers hold the stores' settings, as a cluster's nodes or a job's runtime
+env would.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import BIN, BUCKET, REPO, bucket_fs, objects, sigkill_session, without_mlflow_settings
+from conftest import BIN, BUCKET, REPO, bucket_fs, head_for_runs, objects, sigkill_session, without_mlflow_settings
 
 SMOKE = str(REPO / "pipelines" / "configs" / "smoke.yaml")
 # Three epochs, so that the kill after the first checkpoint leaves training to resume; a model name of its own.
@@ -28,7 +31,7 @@ def vaegan(workdir: Path, env: dict[str, str], *args: str, background: bool = Fa
     full_env = {k: v for k, v in without_mlflow_settings().items() if not k.startswith("AWS_")} | env
     command = [str(BIN / "vaegan"), *args]
     if background:  # its own session, so that a kill takes the local Ray it starts too
-        log = open(workdir.parent / f"{workdir.name}.log", "w+")  # noqa: SIM115 (read by the fixture)
+        log = open(workdir.parent / f"{workdir.name}.log", "w+", errors="replace")  # noqa: SIM115 (read by the fixture, mid-write)
         proc = subprocess.Popen(command, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True)
         proc.log = log
@@ -47,6 +50,22 @@ def registered_checkpoints(fs: pafs.S3FileSystem) -> list[str]:
             with fs.open_input_stream(f"{BUCKET}/run/ray/{key}") as f:
                 return [r["checkpoint_dir_name"] for r in json.loads(f.read())["checkpoint_results"]]
     return []
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A local GCS emulator (``deploy/local_gcs.py``) with BUCKET; the STORAGE_EMULATOR_HOST that reaches it."""
+    from deploy.local_gcs import local_gcs
+    with local_gcs(BUCKET, log=tmp_path_factory.mktemp("gcs") / "emulator.log") as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def stores_ray(s3, gcs):
+    """A Ray head whose workers reach both stores (``head_for_runs`` with the S3 and GCS settings); the
+    variables that join it."""
+    with head_for_runs({**s3, **gcs}) as join:
+        yield join
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +88,7 @@ def s3_run(s3, s3_mlflow, tmp_path_factory):
 
     second = vaegan(workdirs[1], env, *run_args(run_dir))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    third = vaegan(workdirs[2], env, *run_args(run_dir))
+    third = vaegan(workdirs[2], env, *run_args(run_dir))  # starts no Ray: every step is cached
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     with fs.open_input_stream(f"{BUCKET}/run/summary.json") as f:
         summary = json.loads(f.read())
@@ -175,11 +194,11 @@ def put_sources(fs: pafs.S3FileSystem, images: int = 300) -> None:
 
 
 @pytest.mark.parametrize("source", ["data.parquet", "images"])
-def test_a_source_on_s3_is_preprocessed_where_it_lives(s3, s3_mlflow, tmp_path, source):
+def test_a_source_on_s3_is_preprocessed_where_it_lives(s3, s3_mlflow, stores_ray, tmp_path, source):
     fs = bucket_fs(s3)
     if not objects(fs, "sources"):
         put_sources(fs)
-    result = vaegan(tmp_path, {**s3, "MLFLOW_TRACKING_URI": s3_mlflow}, "run", "--config", SMOKE,
+    result = vaegan(tmp_path, {**s3, "MLFLOW_TRACKING_URI": s3_mlflow, **stores_ray}, "run", "--config", SMOKE,
                     "--steps", "preprocess", "--set", f"data.source=s3://{BUCKET}/sources/{source}",
                     "--set", "data.limit=0", "--run-dir", f"s3://{BUCKET}/from-{source}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -191,19 +210,11 @@ def test_a_source_on_s3_is_preprocessed_where_it_lives(s3, s3_mlflow, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """A local GCS emulator (``deploy/local_gcs.py``) with BUCKET; the STORAGE_EMULATOR_HOST that reaches it."""
-    from deploy.local_gcs import local_gcs
-    with local_gcs(BUCKET, log=tmp_path_factory.mktemp("gcs") / "emulator.log") as env:
-        yield env
-
-
-def test_a_run_on_gcs_keeps_its_steps_and_checkpoints_in_the_bucket_and_reruns_cached(gcs, mlflow_server, tmp_path,
-                                                                                      monkeypatch):
+def test_a_run_on_gcs_keeps_its_steps_and_checkpoints_in_the_bucket_and_reruns_cached(gcs, stores_ray, mlflow_server,
+                                                                                      tmp_path, monkeypatch):
     """The same codec, for gs://: pyarrow's GcsFileSystem under Ray Train, Ray Data and the DAG's manifests."""
     from pipelines import store
-    env = {**gcs, "MLFLOW_TRACKING_URI": mlflow_server}
+    env = {**gcs, "MLFLOW_TRACKING_URI": mlflow_server, **stores_ray}
     args = ["run", "--config", SMOKE, "--set", "tune.enabled=false", "--set", "register.model_name=vaegan-gcs",
             "--set", "register.experiment=gcs", "--run-dir", f"gs://{BUCKET}/run"]
     first, rerun = tmp_path / "first", tmp_path / "rerun"
