@@ -13,7 +13,7 @@ validation domain FID (``val/fid``) a trial last reported (Tune's best result, a
 
 Run from the repository root, under the shared Ray lock:
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 4 points x 4 epochs, ~7 min
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change).
 """
 from __future__ import annotations
@@ -113,22 +113,26 @@ def main() -> None:
             data = common.prepare_data(cfg, args.work_dir / "data")
             ctx = tracking_context(scratch)
             # grace_period == max_epochs: one rung at max_t, so no trial stops early (the grid to completion).
-            grid = run_sweep("grid", with_tune(cfg, args, args.max_epochs), ctx, data, space, scratch / "grid")
+            # --quick has one point, which ASHA runs to completion too: the grid would repeat that trial.
+            grid = ({"skipped": "--quick"} if args.quick else
+                    run_sweep("grid", with_tune(cfg, args, args.max_epochs), ctx, data, space, scratch / "grid"))
             asha = run_sweep("asha", with_tune(cfg, args, args.grace_period), ctx, data, space, scratch / "asha")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    ran = "best_val_fid" in grid
     result = {
-        "ratios": {"asha_best_gap": common.ratio(asha["best_val_fid"] - grid["best_val_fid"], grid["best_val_fid"]),
-                   "asha_compute_fraction": common.ratio(asha["trial_epochs"], grid["trial_epochs"]),
-                   "asha_time_fraction": common.ratio(asha["seconds"], grid["seconds"])},
-        "grid": grid, "asha": asha, "asha_found_grid_best": asha["best_overrides"] == grid["best_overrides"],
+        "ratios": {"asha_best_gap": common.ratio(asha["best_val_fid"] - grid["best_val_fid"], grid["best_val_fid"])
+                   if ran else None,
+                   "asha_compute_fraction": common.ratio(asha["trial_epochs"], grid.get("trial_epochs")),
+                   "asha_time_fraction": common.ratio(asha["seconds"], grid.get("seconds"))},
+        "grid": grid, "asha": asha, "asha_found_grid_best": asha["best_overrides"] == grid["best_overrides"] if ran else grid,
         "setup": {"config": args.config, "overrides": args.overrides, "space": space, "max_epochs": args.max_epochs,
                   "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
                   "train_limit": args.train_limit, "val_images": args.val_images, "kind": cfg.model.kind,
                   "base_channels": cfg.model.base_channels, "batch_size": cfg.train.batch_size,
                   "metric": "val/fid (lower is better)", "feature_net": data.featnet_name},
     }
-    common.print_table([(f"{name} {key}", sweep[key]) for name, sweep in (("grid", grid), ("asha", asha))
+    common.print_table([(f"{name} {key}", sweep.get(key, sweep.get("skipped"))) for name, sweep in (("grid", grid), ("asha", asha))
                         for key in ("best_val_fid", "trial_epochs", "seconds")] + list(result["ratios"].items()))
     common.write_result(args.out, result)
 
