@@ -149,10 +149,11 @@ def costliest_conv(cfg: VAEGANConfig) -> tuple[nn.Conv2d, torch.Tensor]:
     return max(seen, key=lambda pair: forward_flops(*pair))
 
 
-def machine_gflops(cfg: VAEGANConfig, windows: int = 6) -> dict[str, Any]:
+def machine_gflops(cfg: VAEGANConfig, quick: bool = False) -> dict[str, Any]:
     """fp32 GFLOP/s of a large matmul and of the step's costliest convolution (forward, and forward plus
-    both gradients), at torch's current thread count; each the median of ``windows`` half-second windows
-    (``--quick``: 1, a check of the layout)."""
+    both gradients), at torch's current thread count; each the median of 6 half-second windows (``quick``:
+    of 1, a check of the layout)."""
+    windows = 1 if quick else 6
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     conv, x = costliest_conv(cfg)
@@ -180,7 +181,7 @@ def main() -> None:
     figures = step_figures(cfg)
     result = {"ratios": {k: figures[k] for k in ("step_over_floor_flops", "vaegan_over_vae_flops",
                                                   "floor_over_vae_flops")},
-              "flops": figures, "machine_gflops": machine_gflops(cfg, windows=1 if args.quick else 6),
+              "flops": figures, "machine_gflops": machine_gflops(cfg, args.quick),
               "setup": {"config": config, "image_shape": [cfg.model.channels, cfg.model.image_size,
                                                           cfg.model.image_size],
                         "base_channels": cfg.model.base_channels, "latent_dim": cfg.model.latent_dim}}

@@ -195,7 +195,7 @@ def compute_figures(cfg, parts: dict[str, Any], device: str, quick: bool) -> dic
         skipped = {"skipped": f"the peak is measured on the CPU; the step ran on {device}"}
         return {"flops": step, "step_flops_per_image": step["step_flops_per_image"], "machine_gflops": skipped,
                 "fraction_of_peak": {**skipped, "of_matmul": None}}
-    peak = flops.machine_gflops(cfg.core(), windows=1 if quick else 6)
+    peak = flops.machine_gflops(cfg.core(), quick)
     achieved = (parts["bare"].get("images_per_s") or 0) * step["step_flops_per_image"] / 1e9
     fraction = {"step_gflops": round(achieved, 1),
                 "of_matmul": common.ratio(achieved, peak["matmul"]),
