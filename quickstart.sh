@@ -12,7 +12,7 @@ ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c "import vaegan, ray, mlflow, torchvision, pytest, xdist, flask_wtf" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import vaegan, ray, mlflow, torchvision, pytest, xdist, flask_wtf, optuna" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet --upgrade pip
     # The lock pins every runtime dependency, so a fresh machine gets what CI and the container image run.
     "$VENV/bin/pip" install --quiet -c deploy/requirements.lock -e ".[dev]"

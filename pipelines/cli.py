@@ -164,7 +164,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = run_pipeline(cfg, args.run_dir or str(Path("runs") / cfg.name), ["preprocess", "tune"], set())
     tune_dir = join(summary["run_dir"], f"tune-{summary['steps']['tune']['key']}")
     print(json.dumps(summary["steps"], indent=2))
-    print(f"sweep report: {' '.join(join(tune_dir, name) for name in ('trials.md', 'trials.csv', 'trials.png'))}")
+    from .context import read_outputs
+    from .steps import tune
+    report = read_outputs(tune.Outputs, tune_dir).report  # trials.*, history.csv, and pareto.* or pbt.png
+    print(f"sweep report: {' '.join(join(tune_dir, name) for name in sorted(report, key=lambda n: n != 'trials.md'))}")
     return 0
 
 

@@ -137,6 +137,16 @@ class TuneConfig:
     cpus_per_worker: int = 0  # CPUs of each trial's Train workers; 0: train.cpus_per_worker's
     # Keys the YAML file or --set gives are left as given, not searched, unless listed here ("loss.gamma").
     search_keys: list[str] = field(default_factory=list)
+    # asha: successive halving over fresh trials; pbt: population-based training, whose trials take over a
+    # better trial's checkpoint and perturb their loss weights and learning rates every perturbation_interval epochs
+    scheduler: Literal["asha", "pbt"] = "asha"
+    perturbation_interval: int = 1  # epochs between PBT's exploit/explore decisions
+    # random: draws from tune/space.py; optuna: Optuna's TPE sampler, multi-objective when objectives has two
+    search: Literal["random", "optuna"] = "random"
+    objectives: list[str] = field(default_factory=lambda: ["val/fid"])  # the first one ranks trials for ASHA/PBT
+    # With several objectives, the winner is the best first objective among the trials whose every other
+    # objective is within this factor of that objective's best (docs/sweeps.md)
+    objective_tolerance: float = 1.25
 
     def validate(self) -> None:
         _require(self.num_samples > 0, "tune.num_samples", self.num_samples, "a positive integer")
@@ -151,6 +161,16 @@ class TuneConfig:
                  "an integer >= 0 (0: train.cpus_per_worker's)")
         for key in self.search_keys:
             _require(key.count(".") == 1, "tune.search_keys", key, "keys in the --set form, e.g. loss.gamma")
+        _require(0 < self.perturbation_interval <= self.max_epochs, "tune.perturbation_interval",
+                 self.perturbation_interval, f"an integer in [1, tune.max_epochs={self.max_epochs}]")
+        _require(bool(self.objectives) and len(set(self.objectives)) == len(self.objectives), "tune.objectives",
+                 self.objectives, "a non-empty list of distinct metric names, e.g. [val/fid, val/recon_mse]")
+        _require(len(self.objectives) == 1 or self.search == "optuna", "tune.objectives", self.objectives,
+                 "one metric unless tune.search=optuna (random draws have no use for a second objective)")
+        _require(self.search == "random" or self.scheduler == "asha", "tune.search", self.search,
+                 "'random' with tune.scheduler=pbt (PBT explores by perturbing its population, not by a sampler)")
+        _require(self.objective_tolerance >= 1, "tune.objective_tolerance", self.objective_tolerance,
+                 "a factor >= 1")
 
 
 @dataclass

@@ -206,12 +206,15 @@ def bounded_retries() -> dict[str, str]:
 @names_an_unreachable_server
 def close_children(uri: str, experiment_id: str, parent_run_id: str, name_prefix: str,
                    finished: set[str]) -> None:
-    """Mark the child runs named ``name_prefix*`` FINISHED if their name is in ``finished``, else FAILED."""
+    """Mark the child runs named ``name_prefix*`` FINISHED if their name is in ``finished`` or continues one
+    (``<name>-<part>``: a PBT trial's later Train runs), else FAILED."""
     mlflow_client = client(uri)
     runs = mlflow_client.search_runs([experiment_id], filter_string=(
         f"tags.`{PARENT_TAG}` = '{parent_run_id}' AND attributes.run_name LIKE '{name_prefix}%'"))
     for run in runs:
-        mlflow_client.set_terminated(run.info.run_id, status="FINISHED" if run.info.run_name in finished else "FAILED")
+        name = run.info.run_name
+        ok = name in finished or name.rsplit("-", 1)[0] in finished
+        mlflow_client.set_terminated(run.info.run_id, status="FINISHED" if ok else "FAILED")
 
 
 @names_an_unreachable_server

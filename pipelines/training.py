@@ -60,15 +60,16 @@ def worker_resources(cfg: PipelineConfig) -> dict[str, float]:
 
 def fit(cfg: PipelineConfig, data: str, image_shape: list[int], featnet: str, *, name: str,
         storage: str, tracking_uri: str = "", mlflow_run_id: str = "", train_limit: int = 0,
-        callbacks: list | None = None) -> TrainOutcome:
+        callbacks: list | None = None, start_from: ray.train.Checkpoint | None = None) -> TrainOutcome:
     """One Ray Train run over the preprocess folder ``data``; rerunning with the same ``name`` and ``storage``
-    resumes from its latest checkpoint. ``data``, ``featnet`` and ``storage`` are paths or URIs (``store``)."""
+    resumes from its latest checkpoint, and a run without one starts from ``start_from`` when given (a PBT
+    donor's checkpoint: ``TrainJob.start_from``). ``data``, ``featnet`` and ``storage`` are paths or URIs."""
     held = held_train_split(store.local_view(data) / "split=train", image_shape, train_limit)
     ledger = ledger_path(storage, name)
     job = TrainJob(config=dataclasses.asdict(cfg), data_dir=data, image_shape=list(image_shape),
                    featnet_path=featnet, ledger_path=ledger, tracking_uri=tracking_uri,
                    mlflow_run_id=mlflow_run_id, mlflow_spool=mlflow_spool(storage, name),
-                   images=None if held is None else ray.put(held))
+                   images=None if held is None else ray.put(held), start_from=start_from)
     fs, storage_path = store.filesystem(storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -145,7 +146,8 @@ def streamed_train_split(cfg: PipelineConfig, split_dir: str, train_limit: int =
 
 def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int], featnet: str,
                 *, name: str, params: dict[str, Any], train_limit: int = 0, callbacks: list | None = None,
-                status_on_error: str | None = "FAILED") -> tuple[TrainOutcome, str]:
+                status_on_error: str | None = "FAILED",
+                start_from: ray.train.Checkpoint | None = None) -> tuple[TrainOutcome, str]:
     """``fit`` inside a new MLflow child run of the pipeline's run; returns the outcome and the run id,
     still open for the caller's artifacts. If training raises, the run is marked ``status_on_error``;
     None leaves it to the caller (Tune tears an early-stopped trial down mid-fit, which is no failure)."""
@@ -154,7 +156,7 @@ def fit_tracked(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: li
     try:
         outcome = fit(cfg, data, image_shape, featnet, name=name, storage=store.join(ctx.run_dir, "ray"),
                       tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id, train_limit=train_limit,
-                      callbacks=callbacks)
+                      callbacks=callbacks, start_from=start_from)
     except BaseException:
         if status_on_error:
             tracking.end_run_if_reachable(ctx.tracking_uri, run_id, status_on_error)

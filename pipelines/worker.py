@@ -58,6 +58,9 @@ class TrainJob:
     mlflow_run_id: str = ""
     mlflow_spool: str = ""  # where rank 0 keeps what an MLflow outage holds back (BufferedRunLogger)
     images: Any = None  # an ObjectRef to the held train split (uint8 N, C, H, W); None: Ray Data's "train" shard
+    # A ray.train.Checkpoint to start from when the run has none of its own: a PBT donor's, or, for the train
+    # step after a PBT sweep, the sweep's best model. Its step and history carry on; its learning rates do not.
+    start_from: Any = None
 
 
 def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
@@ -71,7 +74,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     if world > 1:  # [2] wrap each network in its own DDP, as stylegan2-ada does
         enc, dec, dis = (ddp(m, device) for m in (enc, dec, dis))
     trainer = VAEGANTrainer(cfg.core(), enc, dec, dis)
-    start_epoch, history = resume(trainer)
+    start_epoch, history = resume(trainer, job.start_from)
     ledger = FaultLedger(job.ledger_path, trainer.step, writer=rank == 0)
     torch.manual_seed(cfg.train.seed + 1000 * rank + start_epoch)  # different noise per rank
     validation = Validation(job, cfg)
@@ -87,6 +90,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
     best = min((h[SCORE] for h in history), default=float("inf"))
     stale = 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
+        first_step = trainer.step
         try:
             summary = train_epoch(trainer, batches.epoch(epoch), after_step=ledger.record)
         except NonFiniteLossError as err:
@@ -95,6 +99,7 @@ def train_loop_per_worker(job_dict: dict[str, Any]) -> None:
             ledger.give_up(str(err))
             return
         summary["images_per_s"] *= world  # the epoch's global throughput
+        summary["step/first"], summary["step/last"] = float(first_step), float(trainer.step)
         summary["ddp/ranks_out_of_sync"] = float(ranks_out_of_sync(trainer, world))
         summary.update(ledger.metrics())
         summary["torch_threads"] = float(torch.get_num_threads())  # Ray sets OMP_NUM_THREADS to the worker's CPUs
@@ -186,15 +191,19 @@ def ranks_out_of_sync(trainer: VAEGANTrainer, world: int) -> int:
     return sum(digest != digests[0] for digest in digests)
 
 
-def resume(trainer: VAEGANTrainer) -> tuple[int, list[dict[str, float]]]:
-    checkpoint = ray.train.get_checkpoint()
+def resume(trainer: VAEGANTrainer, start_from: Checkpoint | None) -> tuple[int, list[dict[str, float]]]:
+    """The first epoch to train and the history so far: from the run's own latest checkpoint (a restart), else
+    from ``start_from`` (``TrainJob.start_from``), whose learning rates give way to this run's config."""
+    own = ray.train.get_checkpoint()
+    checkpoint = own or start_from
     if checkpoint is None:
         return 1, []
     with checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(state, config_learning_rates=own is None)
     history = json.loads(state["history"])
-    print(f"[train] resumed from epoch {state['epoch']} (step {state['step']})", flush=True)
+    origin = "resumed" if own else f"started from {checkpoint.path} at"
+    print(f"[train] {origin} epoch {state['epoch']} (step {state['step']})", flush=True)
     return int(state["epoch"]) + 1, history
 
 
@@ -233,8 +242,9 @@ class Validation:
     def run(self, model: GenerativeModel) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)
         elbo = metrics.elbo(model.enc, model.dec, self.images, generator=generator).mean().item()
+        recon_mse = metrics.reconstruction_mse(model.enc, model.dec, self.images)
         quality = sample_quality(self.featnet, self.images, model.sample(len(self.images), seed=self.seed))
-        return {"val/elbo": elbo, **{f"val/{k}": v for k, v in quality.items()}}
+        return {"val/elbo": elbo, "val/recon_mse": recon_mse, **{f"val/{k}": v for k, v in quality.items()}}
 
     def grids(self, model: GenerativeModel) -> list[Path]:
         """Sample and reconstruction grids as PNGs in a temporary folder (logged, then deleted)."""

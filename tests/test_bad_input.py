@@ -142,6 +142,15 @@ CASES = [
     Case("search-key-outside-the-space", run("tune.search_keys=[model.latent_dim]"),
          ("config key 'tune.search_keys' has invalid value 'model.latent_dim'; allowed: keys the vaegan sweep "
           "searches (loss.kl_weight, ",)),
+    Case("unknown-tune-scheduler", run("tune.scheduler=hyperband"),
+         ("config key 'tune.scheduler' has invalid value 'hyperband'; allowed: one of ['asha', 'pbt']",)),
+    Case("unknown-tune-objective", run("tune.search=optuna", "tune.objectives=[val/fid,val/sharpness]"),
+         ("config key 'tune.objectives' has invalid value 'val/sharpness'; allowed: val/fid, val/kid, val/recon_mse",)),
+    Case("two-objectives-without-optuna", run("tune.objectives=[val/fid,val/recon_mse]"),
+         ("config key 'tune.objectives' has invalid value ['val/fid', 'val/recon_mse']; allowed: one metric unless "
+          "tune.search=optuna",)),
+    Case("optuna-under-pbt", run("tune.search=optuna", "tune.scheduler=pbt"),
+         ("config key 'tune.search' has invalid value 'optuna'; allowed: 'random' with tune.scheduler=pbt",)),
     Case("set-without-a-value", run("train.epochs"),
          ("--set expects key=value (e.g. train.epochs=3), got 'train.epochs'",)),
     Case("set-below-a-value", run("train.epochs.x=1"), ("--set 'train.epochs.x=1': 'epochs' is not a section",)),

@@ -3,6 +3,8 @@
 One run folder goes through three attempts of the same command: the driver is SIGKILLed during preprocess,
 then again during training, and the third attempt has one of its Train workers SIGKILLed mid-epoch. It must
 finish from the latest checkpoint each time, skip the steps that finished, and record what was redone.
+Injected NaN losses (tests/hooks/nonfinite.py), armed on the test process's shared Ray head, must be skipped
+and rolled back, or end the run with one clear error.
 """
 from __future__ import annotations
 
@@ -175,20 +177,22 @@ def nan_run_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("nan-run")
 
 
-def run_injected(run_dir: Path, mlflow_server: str, poisoned: tuple[int, int], *overrides: str):
-    """The train step with the losses of train steps [start, start + steps) made NaN (tests/hooks)."""
-    from conftest import run_cli
-    from hooks.nonfinite import poisoned_env
+def run_injected(run_dir: Path, mlflow_server: str, ray: dict[str, str], poisoned: tuple[int, int], *overrides: str):
+    """The train step on the shared Ray head, with the losses of train steps [start, start + steps) made NaN
+    (tests/hooks/nonfinite.py)."""
+    from conftest import POISON_FILE, run_cli
+    from hooks.nonfinite import armed
     args = ["run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir), "--steps",
             "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "register.experiment=faults",
             "--set", "train.max_bad_steps=3", "--set", "train.max_failures=0"]
     for override in overrides:
         args += ["--set", override]
-    return run_cli(*args, env={"MLFLOW_TRACKING_URI": mlflow_server, **poisoned_env(*poisoned)})
+    with armed(POISON_FILE, *poisoned):
+        return run_cli(*args, env={"MLFLOW_TRACKING_URI": mlflow_server, **ray})
 
 
-def test_injected_non_finite_losses_are_skipped_counted_and_rolled_back(nan_run_dir, mlflow_server):
-    done = run_injected(nan_run_dir, mlflow_server, (5, 4))
+def test_injected_non_finite_losses_are_skipped_counted_and_rolled_back(nan_run_dir, mlflow_server, shared_ray):
+    done = run_injected(nan_run_dir, mlflow_server, shared_ray, (5, 4))
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads(next(nan_run_dir.glob("train-*/history.json")).read_text())
     assert history[-1]["guard/nonfinite_skipped"] == 4  # 3 in a row trigger the rollback, the 4th is skipped after it
@@ -196,9 +200,9 @@ def test_injected_non_finite_losses_are_skipped_counted_and_rolled_back(nan_run_
     assert all(math.isfinite(history[-1][k]) for k in ("loss/enc/kl", "loss/dec/pixel", "val/fid"))
 
 
-def test_a_persistent_divergence_fails_clearly_after_the_allowed_rollbacks(nan_run_dir, mlflow_server):
+def test_a_persistent_divergence_fails_clearly_after_the_allowed_rollbacks(nan_run_dir, mlflow_server, shared_ray):
     published = {p: p.stat().st_mtime_ns for p in nan_run_dir.glob("*-*/**/*")}
-    done = run_injected(nan_run_dir, mlflow_server, (0, 100000), "train.max_rollbacks=2")
+    done = run_injected(nan_run_dir, mlflow_server, shared_ray, (0, 100000), "train.max_rollbacks=2")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "train.max_rollbacks=2" in errors[0] and "train.max_bad_steps=3" in errors[0], errors

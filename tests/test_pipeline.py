@@ -1,14 +1,18 @@
 """The smoke DAG end to end against a real local Ray and a real `mlflow server` (basic auth) on 127.0.0.1."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import FULL_SMOKE, as_user, run_cli
+
+from tune.objectives import pareto_front
 
 SUMMARY_KEYS = {"tracking_uri", "model_uri", "model_name", "model_version", "alias_moved", "image_shape",
                 "metrics", "feature_net", "data_fingerprint", "steps"}
@@ -114,6 +118,27 @@ def test_sweep_verb_writes_the_report(smoke_run):
     assert "val/fid" in header and "epochs" in header and "opt_dec.lr" in header and len(rows) == 2
     assert "loss.gamma" not in header  # given with --set, so not searched
     assert (tune_dir / "trials.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_two_objective_optuna_sweep_reports_its_pareto_front(smoke_run):
+    """FULL_SMOKE's sweep: Optuna's sampler on val/fid and val/recon_mse."""
+    tune_dir = smoke_run["run_dir"] / f"tune-{smoke_run['summary']['steps']['tune']['key']}"
+    objectives = ["val/fid", "val/recon_mse"]
+    trials, front = read_rows(tune_dir / "trials.csv", objectives), read_rows(tune_dir / "pareto.csv", objectives)
+    assert len(trials) == 2 and front
+    for point in front:  # no trial is at least as good on both and better on one
+        assert not [t for t in trials if all(t[m] <= point[m] for m in objectives)
+                    and any(t[m] < point[m] for m in objectives)], point
+    assert {r["trial"] for r in front} == {r["trial"] for r in pareto_front(trials, objectives)}
+    assert (tune_dir / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # The winner (whose values the train step used) is on the front.
+    chose = smoke_run["summary"]["sweep"]["chose"]
+    assert any(all(float(t[k]) == pytest.approx(v) for k, v in chose.items()) for t in front), chose
+
+
+def read_rows(path: Path, objectives: list[str]) -> list[dict]:
+    with open(path) as f:
+        return [{**row, **{m: float(row[m]) for m in objectives}} for row in csv.DictReader(f)]
 
 
 def test_evaluate_verb_scores_the_registered_model_like_the_pipeline(smoke_run, auth_server, tmp_path):

@@ -127,3 +127,22 @@ def test_a_checkpoint_from_before_the_injection_keys_were_retired_still_loads(tm
     state = load_checkpoint(path)
     state["config"]["train"].update(inject_nonfinite_from=-1, inject_nonfinite_steps=0)
     assert config_of(state) == trainer.cfg
+
+
+def test_a_checkpoint_taken_over_by_another_config_trains_on_at_that_configs_learning_rates():
+    """PBT: a trial that takes over a donor's checkpoint keeps its weights, optimiser moments and step, at the
+    learning rates of its own (perturbed) config; a plain resume keeps the checkpoint's (lowered ones too)."""
+    donor = make_trainer(tiny_config())
+    run(donor, 2)
+    state = donor.state_dict()
+    perturbed = tiny_config()
+    perturbed.opt_enc.lr, perturbed.opt_dec.lr, perturbed.opt_dis.lr = 1e-3, 2e-3, 3e-3
+    taker = make_trainer(perturbed)
+    taker.load_state_dict(copy.deepcopy(state), config_learning_rates=True)
+    assert learning_rates(taker) == [1e-3, 2e-3, 3e-3] and taker.step == donor.step == 2
+    for name in NETWORKS:  # tiny_config has no decoder EMA
+        assert_same(taker.state_dict()[name], state[name])
+    assert_same(taker.opt_dec.state_dict()["state"], donor.opt_dec.state_dict()["state"])
+    resumed = make_trainer(perturbed)
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert learning_rates(resumed) == learning_rates(donor)

@@ -4,6 +4,8 @@ import pytest
 
 from pipelines.config import CONFIG_DIR, load_config
 from pipelines.steps import tune as tune_step
+from tune.objectives import pareto_front, pick
+from tune.search import mutations
 from tune.space import left_as_given, search_space, searchable_keys
 from vaegan.config import ConfigError
 
@@ -65,3 +67,36 @@ def test_trials_train_with_their_own_epochs_and_cpus():
     assert trial_train_keys(load_config(SMOKE, ["tune.max_epochs=3"])) == {"epochs": 3}  # train.cpus_per_worker's
     assert trial_train_keys(load_config(SMOKE, ["tune.cpus_per_worker=1", "train.cpus_per_worker=2"])) == {
         "epochs": 1, "cpus_per_worker": 1}
+
+
+ROWS = [{"trial": "a", "val/fid": 10.0, "val/recon_mse": 0.05, "val/precision": 0.6},
+        {"trial": "b", "val/fid": 12.0, "val/recon_mse": 0.03, "val/precision": 0.7},
+        {"trial": "c", "val/fid": 11.0, "val/recon_mse": 0.06, "val/precision": 0.5},  # a is better on both
+        {"trial": "d", "val/fid": 9.0, "val/recon_mse": 0.09, "val/precision": 0.4},
+        {"trial": "e", "val/fid": float("nan"), "val/recon_mse": 0.01, "val/precision": 0.9}]  # no score: out
+
+
+def test_the_pareto_front_keeps_exactly_the_non_dominated_trials():
+    assert [r["trial"] for r in pareto_front(ROWS, ["val/fid", "val/recon_mse"])] == ["a", "b", "d"]
+    # precision is higher-is-better: b (0.7) now dominates a on it but not on fid, so all three stay
+    assert [r["trial"] for r in pareto_front(ROWS, ["val/fid", "val/precision"])] == ["a", "b", "d"]
+    assert [r["trial"] for r in pareto_front(ROWS, ["val/recon_mse", "val/precision"])] == ["e"]  # fid unasked
+
+
+@pytest.mark.parametrize(("tolerance", "winner"), [(1.25, "b"), (2.0, "a"), (3.5, "d")])
+def test_the_winner_is_the_best_fid_whose_recon_mse_is_within_the_tolerance_of_the_best(tolerance, winner):
+    """The front's best recon MSE is b's 0.03: within 1.25x only b qualifies, within 2x a too, within 3.5x d."""
+    assert pick(ROWS, ["val/fid", "val/recon_mse"], tolerance)["trial"] == winner
+
+
+def test_one_objective_picks_the_best_and_no_score_picks_nothing():
+    assert pick(ROWS, ["val/fid"], 1.25)["trial"] == "d"
+    assert pick(ROWS, ["val/precision"], 1.25)["trial"] == "e"  # e has no fid, but precision is all this asks
+    assert pick([{"trial": "x", "val/fid": float("nan")}], ["val/fid"], 1.25) is None
+
+
+def test_pbt_moves_a_choice_between_its_categories_and_scales_or_resamples_a_range():
+    space = search_space("vaegan")
+    moves = mutations(space)
+    assert moves["loss"]["r1_weight"] == [0.0, 1.0, 10.0]
+    assert moves["opt_dec"]["lr"] is space["opt_dec"]["lr"]

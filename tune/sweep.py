@@ -1,32 +1,36 @@
-"""The sweep (Ray Tune over Ray Train): search loss weights and learning rates with ASHA.
+"""The sweep (Ray Tune over Ray Train): search loss weights and learning rates with ASHA or PBT, drawing
+trials at random or with Optuna (``search.py``).
 
-Every trial is a real Ray Train run (``pipelines.training.fit_tracked``) named after its trial id, so a
-retried trial resumes from its own checkpoints. Trials are chosen by the validation domain FID
-(``val/fid``, lower is better), the same score that picks checkpoints and moves the registry alias.
-The report (``report.py``) lands in the calling step's folder.
+Every trial is a real Ray Train run (``trial.py``) named after its trial id, so a retried trial resumes from
+its own checkpoints. Trials are ranked by the first of ``tune.objectives`` (by default the validation domain
+FID, ``val/fid``, the score that also picks checkpoints and moves the registry alias); with several, the
+winner is ``search.pick``'s. The report (``report.py``) lands in the calling step's folder.
 
     outcome = sweep.run(cfg, ctx, data_folder, image_shape, featnet, out)  # ctx.step_key names the trials
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune as ray_tune
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
 
 from pipelines import store, tracking
-from pipelines.config import PipelineConfig, flatten, merge
+from pipelines.config import PipelineConfig, flatten
 from pipelines.context import RunContext
-from pipelines.training import SCORE, fit_tracked, holds_train_split
-from vaegan.config import from_dict
+from pipelines.training import holds_train_split
+from vaegan.checkpoint import CHECKPOINT_NAME
 
-from .report import trial_rows, write_report
+from .report import TrialHistory, trial_rows, write_report
+from .objectives import pick
+from .search import EPOCH, make_scheduler, make_search
 from .space import left_as_given, search_space
+from .trial import make_trial, trial_id_of
+
+PBT_CHECKPOINT = "pbt_checkpoint"  # the folder, in the tune step's, of the PBT winner's model for the train step
 
 
 @dataclasses.dataclass
@@ -39,6 +43,7 @@ class SweepOutcome:
     trials: int
     trial_epochs: int
     report: list[str]  # file names in the output folder
+    checkpoint: str = ""  # PBT: the folder (in the output folder) of the winner's latest checkpoint
 
 
 def max_concurrent_trials(cfg: PipelineConfig, resources: dict[str, float], streamed: bool) -> int:
@@ -54,17 +59,21 @@ def max_concurrent_trials(cfg: PipelineConfig, resources: dict[str, float], stre
 
 
 def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
-    """The train keys a trial sets: its epoch budget, and its workers' CPUs when ``tune.cpus_per_worker`` is set."""
+    """The train keys a trial sets: its epoch budget, its workers' CPUs when ``tune.cpus_per_worker`` is set,
+    and under PBT a checkpoint every epoch (the ones PBT's interval lands on must exist)."""
     keys = {"epochs": cfg.tune.max_epochs}
     if cfg.tune.cpus_per_worker:
         keys["cpus_per_worker"] = cfg.tune.cpus_per_worker
+    if cfg.tune.scheduler == "pbt":
+        keys["checkpoint_every"] = 1
     return keys
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int], featnet: str,
         out: Path, param_space: dict[str, Any] | None = None) -> SweepOutcome:
-    """Run the sweep over the preprocess folder ``data`` (a path or URI, as is ``featnet``); ``param_space`` replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space``
-    for a grid, with ``tune.num_samples=1``: each grid point then runs once)."""
+    """Run the sweep over the preprocess folder ``data`` (a path or URI, as is ``featnet``); ``param_space``
+    replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space`` for a grid, with
+    ``tune.num_samples=1``: each grid point then runs once)."""
     trial_base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **trial_train_keys(cfg)))
     base = dataclasses.asdict(trial_base)
     kept = left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)
@@ -73,44 +82,57 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
               "tune.search_keys to search them", flush=True)
     prefix = f"trial-{ctx.step_key}-"
     streamed = not holds_train_split(store.local_view(data) / "split=train", image_shape, cfg.tune.train_limit)
-
-    def trial(overrides: dict[str, Any]) -> None:
-        """One trial: a Ray Train run of the config with this trial's overrides."""
-        trial_cfg = from_dict(PipelineConfig, merge(base, overrides))
-        fit_tracked(trial_cfg, ctx, data, image_shape, featnet,
-                    name=prefix + ray_tune.get_context().get_trial_id(), params=flatten(overrides),
-                    train_limit=cfg.tune.train_limit, callbacks=[TuneReportCallback()], status_on_error=None)
-
+    space = param_space or search_space(cfg.model.kind, leave=tuple(kept))
+    pbt = cfg.tune.scheduler == "pbt"
+    trial = make_trial(base, ctx, data, image_shape, featnet, prefix=prefix, train_limit=cfg.tune.train_limit,
+                       keep_checkpoints=pbt)
     storage_fs, storage_path = store.filesystem(store.join(ctx.run_dir, "ray"))
+    history = TrialHistory()
     tuner = ray_tune.Tuner(
         # A trial only drives its Train run, so it must hold no CPU (an actor never lends its CPU back while it
         # waits); Tune refuses an empty request, so it asks for a little memory instead.
         ray_tune.with_resources(trial, {"memory": 64 * 1024**2}),
-        param_space=param_space or search_space(cfg.model.kind, leave=tuple(kept)),
+        param_space=space,
         tune_config=ray_tune.TuneConfig(
-            metric=SCORE, mode="min", num_samples=cfg.tune.num_samples,
-            scheduler=ASHAScheduler(max_t=cfg.tune.max_epochs, grace_period=cfg.tune.grace_period,
-                                    reduction_factor=cfg.tune.reduction_factor),
-            search_alg=ray_tune.search.BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                             max_concurrent=max_concurrent_trials(
-                                                                 trial_base, ray.cluster_resources(), streamed))),
+            num_samples=cfg.tune.num_samples, scheduler=make_scheduler(cfg.tune, space),
+            search_alg=make_search(cfg.tune, max_concurrent_trials(trial_base, ray.cluster_resources(), streamed))),
         run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=storage_path,
-                                      storage_filesystem=storage_fs, verbose=1),
+                                      storage_filesystem=storage_fs, verbose=1, callbacks=[history],
+                                      # PBT's last epoch ends the trial before PBT sees it: a take-over then
+                                      # would restart a Train run only to hand back the donor's final model.
+                                      stop={EPOCH: cfg.tune.max_epochs} if pbt else None),
     )
     results = tuner.fit()
     # Trial runs are closed here, by Tune's verdict, rather than by the trials themselves: Tune tears a trial
-    # down as soon as it reports its last epoch or ASHA stops it, often before the trial's own code runs again.
+    # down as soon as it reports its last epoch or a scheduler stops or pauses it, often before the trial's own
+    # code runs again.
     finished = {prefix + r.metrics["trial_id"] for r in results if r.error is None and r.metrics}
     tracking.close_children(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, prefix, finished)
-    rows = trial_rows(results, SCORE)
-    report = write_report(rows, SCORE, out)
+    objectives = cfg.tune.objectives
+    rows = trial_rows(results, objectives, history)
+    winner = pick(rows, objectives, cfg.tune.objective_tolerance)
+    if winner is None:
+        raise RuntimeError(f"no Tune trial reported {', '.join(objectives)}; errors: {[r.error for r in results]}")
+    report = write_report(rows, objectives, out, history, winner["trial"], pbt)
     tracking.log_artifacts(ctx.tracking_uri, ctx.parent_run_id, report, "tune")
     epochs = sum(r["epochs"] for r in rows)
     print(f"[tune] {len(rows)} trials, {epochs} trial-epochs; "
           f"report: {', '.join(p.name for p in report)} in the tune step's folder", flush=True)
-    best = results.get_best_result()
-    if best.metrics is None or SCORE not in best.metrics or not math.isfinite(best.metrics[SCORE]):
-        raise RuntimeError(f"no Tune trial reported {SCORE}; errors: {[r.error for r in results]}")
-    print(f"[tune] best trial {SCORE}={best.metrics[SCORE]:.3f} with {flatten(best.config)}", flush=True)
-    return SweepOutcome(overrides=best.config, left_as_given=kept, best_score=best.metrics[SCORE], trials=len(rows),
-                        trial_epochs=epochs, report=[p.name for p in report])
+    best = next(r for r in results if r.path and trial_id_of(r.path) == winner["trial"])
+    print(f"[tune] best trial {', '.join(f'{m}={winner[m]:.4g}' for m in objectives)} with {flatten(best.config)}",
+          flush=True)
+    return SweepOutcome(overrides=best.config, left_as_given=kept, best_score=winner[objectives[0]],
+                        trials=len(rows), trial_epochs=epochs, report=[p.name for p in report],
+                        checkpoint=keep_model(best, out) if pbt else "")
+
+
+def keep_model(best: ray_tune.Result, out: Path) -> str:
+    """Copy the PBT winner's latest checkpoint (its model at the end of the sweep, trained under the schedule
+    its config ends with) into ``out``; returns the folder's name."""
+    if best.checkpoint is None:
+        raise RuntimeError(f"the best PBT trial {best.path} left no checkpoint: {best.error}")
+    folder = out / PBT_CHECKPOINT
+    folder.mkdir(exist_ok=True)
+    with best.checkpoint.as_directory() as source:
+        shutil.copy2(Path(source) / CHECKPOINT_NAME, folder / CHECKPOINT_NAME)
+    return PBT_CHECKPOINT

@@ -342,9 +342,15 @@ class VAEGANTrainer:
             state["ema_updates"] = int(self.dec_ema.n_averaged)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state`` (a checkpoint), which becomes the rollback target."""
+    def load_state_dict(self, state: dict, config_learning_rates: bool = False) -> None:
+        """Resume from ``state`` (a checkpoint), which becomes the rollback target. The learning rates are the
+        checkpoint's (a rollback may have lowered them), or with ``config_learning_rates`` this trainer's
+        config's: a PBT trial that takes over another trial's checkpoint trains on at its own perturbed rates."""
         self.restore(state)
+        if config_learning_rates:
+            for opt, opt_cfg in zip(self._optimizers(), (self.cfg.opt_enc, self.cfg.opt_dec, self.cfg.opt_dis)):
+                for group in opt.param_groups:
+                    group["lr"] = opt_cfg.lr
         self.executed_steps = int(state.get("executed_steps", state["step"]))  # checkpoints from before rollbacks
         self.counters.update({k: state["counters"][k] for k in self.counters})
         self.guard.load_counters(state["counters"])

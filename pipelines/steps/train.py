@@ -1,7 +1,8 @@
 """DAG step 3, train (Ray Train): DDP training of the VAE-GAN over the Parquet shards.
 
 Inputs:  the preprocess step's shards and feature net (for the per-epoch validation FID), and the tune
-         step's best overrides, applied to the config.
+         step's best overrides, applied to the config; after a PBT sweep, training continues from the
+         winner's model (its weights, optimisers, step and history) up to ``train.epochs``.
 Outputs: ``checkpoint.pt`` (the best checkpoint by validation FID), ``history.json`` (per-epoch figures),
          ``samples.png``, ``reconstructions.png``, ``interpolation.png`` and ``loss_curves.png``, all
          logged to the step's MLflow run ``train-<key>``.
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vaegan.config import from_dict
 
-from .. import shards, tracking
+from .. import shards, store, tracking
 from ..config import PipelineConfig, check_batch_fits, flatten, merge
 from ..context import RunContext, StepOutputs
 from . import preprocess, tune
@@ -65,7 +66,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     shards.check_no_empty_split(data.manifest["counts"], cfg.data, shards.MIN_SPLIT_ROWS)  # likewise
     featnet, _ = data.feature_net(ctx.featnet_cache(cfg.data.data_dir), cfg.eval)
     outcome, run_id = fit_tracked(cfg, ctx, data.folder, data.image_shape, featnet,
-                                  name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)))
+                                  name=f"train-{ctx.step_key}", params=flatten(dataclasses.asdict(cfg)),
+                                  start_from=sweep_model(inputs.tune))
     tracking.require_sent(ctx.tracking_uri, run_id, outcome.mlflow_unsent, outcome.result.path)
     state = with_fitted_prior(best_checkpoint_state(outcome.result), data.images("train"), cfg.train.seed)
     torch.save(state, out / CHECKPOINT_NAME)
@@ -79,6 +81,17 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     return Outputs(checkpoint=CHECKPOINT_NAME, mlflow_run_id=run_id, best_epoch=best_epoch, epochs_run=len(history),
                    val_fid=history[best_epoch - 1].get(SCORE), faults=outcome.faults,
                    config=dataclasses.asdict(cfg), folder=str(out))
+
+
+def sweep_model(sweep: tune.Outputs) -> Any:
+    """The PBT winner's checkpoint as a ``ray.train.Checkpoint`` where every Train worker reaches it (the tune
+    step's folder, a path or URI), or None after any other sweep. PBT's product is a model trained under a
+    schedule, not one config, so the train step continues that model rather than replaying the schedule."""
+    if not sweep.checkpoint:
+        return None
+    from ray.train import Checkpoint
+    fs, path = store.filesystem(store.join(sweep.folder, sweep.checkpoint))
+    return Checkpoint(path, filesystem=fs)
 
 
 def write_grids(model: GenerativeModel, data: preprocess.Outputs, out: Path, seed: int = 0,

@@ -1,8 +1,10 @@
 """DAG step 2, tune (Ray Tune over Ray Train): search loss weights and learning rates.
 
 Inputs:  the preprocess step's shards and feature net; the config's ``tune`` section.
-Outputs: the best trial's ``overrides`` (which the train step applies), and the sweep report
-         ``trials.csv`` / ``trials.md`` / ``trials.png`` (one row per trial). The sweep itself is ``tune/``'s.
+Outputs: the best trial's ``overrides`` (which the train step applies); under PBT also its latest
+         checkpoint (which the train step continues from); and the sweep report ``trials.csv`` /
+         ``trials.md`` / ``trials.png`` (one row per trial), ``pareto.*``, ``pbt.png``. The sweep itself
+         is ``tune/``'s.
 Run it:  ``vaegan sweep --config pipelines/configs/smoke.yaml``
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from tune.objectives import OBJECTIVES
 from tune.space import left_as_given, searchable_keys
 from vaegan.config import ConfigError
 
@@ -37,15 +40,21 @@ class Outputs(StepOutputs):
     trials: int = 0
     trial_epochs: int = 0
     report: list[str] = dataclasses.field(default_factory=list)
+    checkpoint: str = ""  # PBT: the folder (in this step's) of the winner's model, which the train step continues
 
 
 def check(cfg: PipelineConfig) -> None:
-    """On the driver, before any compute: every key in ``tune.search_keys`` is one the sweep can search."""
+    """On the driver, before any compute: every key in ``tune.search_keys`` is one the sweep can search, and
+    every objective a figure the trials report."""
     allowed = searchable_keys(cfg.model.kind)
     for key in cfg.tune.search_keys:
         if key not in allowed:
             raise ConfigError(f"config key 'tune.search_keys' has invalid value {key!r}; allowed: keys the "
                               f"{cfg.model.kind} sweep searches ({', '.join(allowed)})")
+    for objective in cfg.tune.objectives:
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"config key 'tune.objectives' has invalid value {objective!r}; allowed: "
+                              f"{', '.join(OBJECTIVES)}")
 
 
 def cache_extra(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:

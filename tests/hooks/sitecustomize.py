@@ -1,11 +1,12 @@
-"""Runs at start-up of every Python process that has this folder on PYTHONPATH (a test's CLI run and its
-Ray workers). With VAEGAN_TEST_POISON=start:steps set, it poisons ``vaegan.step.VAEGANTrainer`` as soon
-as that module is imported (see nonfinite.py); otherwise it does nothing."""
+"""Runs at start-up of every Python process that has this folder on PYTHONPATH (the workers of a Ray head
+started with ``nonfinite.hook_env``). With VAEGAN_TEST_POISON_FILE set, it hands ``vaegan.step.VAEGANTrainer``
+to ``nonfinite.poison_from_file`` as soon as that module is imported; otherwise it does nothing."""
 import importlib.abc
 import os
 import sys
+from pathlib import Path
 
-_SPEC = os.environ.get("VAEGAN_TEST_POISON")
+_FILE = os.environ.get("VAEGAN_TEST_POISON_FILE")
 
 
 class _PoisonAfterImport(importlib.abc.MetaPathFinder):
@@ -20,13 +21,12 @@ class _PoisonAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_and_poison(module):
             exec_module(module)
-            from nonfinite import poison
-            start, steps = (int(part) for part in _SPEC.split(":"))
-            poison(module.VAEGANTrainer, start, steps)
+            from nonfinite import poison_from_file
+            poison_from_file(module.VAEGANTrainer, Path(_FILE))
 
         spec.loader.exec_module = exec_and_poison
         return spec
 
 
-if _SPEC:
+if _FILE:
     sys.meta_path.insert(0, _PoisonAfterImport())

@@ -1,0 +1,56 @@
+"""How a sweep searches: its scheduler (ASHA or PBT) and its search algorithm (random draws or Optuna).
+
+    scheduler = make_scheduler(cfg.tune, space)          # ASHA, or PBT perturbing ``space``'s keys
+    search_alg = make_search(cfg.tune, max_concurrent)   # random draws, or Optuna (one or more objectives)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune as ray_tune
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.sample import Categorical
+
+from pipelines.config import TuneConfig
+
+from .objectives import OBJECTIVES
+
+EPOCH = "epoch"  # the reported epoch: PBT's clock, so that perturbation_interval counts epochs
+
+
+def make_scheduler(tune_cfg: TuneConfig, space: dict[str, Any]) -> TrialScheduler:
+    """ASHA on the first objective, or PBT, which perturbs every key of ``space`` (the search space)."""
+    metric = tune_cfg.objectives[0]
+    if tune_cfg.scheduler == "asha":
+        return ASHAScheduler(metric=metric, mode=OBJECTIVES[metric], max_t=tune_cfg.max_epochs,
+                             grace_period=tune_cfg.grace_period, reduction_factor=tune_cfg.reduction_factor)
+    # Synchronous: every trial reaches each interval before any exploits, so a population larger than the
+    # cluster holds at once takes turns instead of late trials cloning early ones' finished models (the
+    # asynchronous rule compares a trial with whatever others last reported), and a seed gives one history.
+    return PopulationBasedTraining(time_attr=EPOCH, metric=metric, mode=OBJECTIVES[metric],
+                                   perturbation_interval=tune_cfg.perturbation_interval,
+                                   hyperparam_mutations=mutations(space), synch=True)
+
+
+def mutations(space: dict[str, Any]) -> dict[str, Any]:
+    """PBT's mutations of ``space``: a range is resampled or scaled by 0.8 or 1.2; a choice moves to a
+    neighbouring category (as a list, which PBT shifts, rather than a domain, which it would scale)."""
+    return {key: mutations(value) if isinstance(value, dict)
+            else list(value.categories) if isinstance(value, Categorical) else value
+            for key, value in space.items()}
+
+
+def make_search(tune_cfg: TuneConfig, max_concurrent: int) -> Searcher | ray_tune.search.BasicVariantGenerator:
+    """Random draws (Tune's variant generator) or Optuna's TPE sampler over every objective, at most
+    ``max_concurrent`` trials at once."""
+    if tune_cfg.search == "random":
+        return ray_tune.search.BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=max_concurrent)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    objectives = tune_cfg.objectives
+    sampler = optuna.samplers.TPESampler(seed=tune_cfg.seed)  # multi-objective too (MOTPE) when given several
+    metric, mode = (objectives[0], OBJECTIVES[objectives[0]]) if len(objectives) == 1 else \
+        (list(objectives), [OBJECTIVES[m] for m in objectives])
+    return ConcurrencyLimiter(OptunaSearch(metric=metric, mode=mode, sampler=sampler),
+                              max_concurrent=max_concurrent)
