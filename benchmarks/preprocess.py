@@ -2,7 +2,8 @@
 
 IDX: Fashion-MNIST (70,000 28 px grey images), about a second of byte copying, so it measures Ray's fixed
 start-up more than anything.
-  ray_data  ``pipelines.shards.run`` on a fresh local Ray cluster, Ray start-up included: read the
+  ray_data  ``pipelines.shards.run`` on a fresh local Ray cluster, Ray start-up included (with RAY_ADDRESS, on
+            that cluster, whose start-up is then the connection: the tests' --quick run does so): read the
             IDX files, ``map_batches`` (decode, resize if needed, channels, validate, split by a hash of
             each row's key), ``write_parquet`` partitioned by split, then the manifest read-back.
   numpy     the same work in one process without Ray, in a spawned child (its own memory): the same IDX

@@ -220,7 +220,8 @@ class Sampler(threading.Thread):
 
 def measure(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, sampler: Sampler,
             **ray_init_kwargs) -> tuple[dict, dict[str, float]]:
-    """Start a local Ray cluster and run the preprocess step on it while ``sampler`` samples.
+    """Start a local Ray cluster (with RAY_ADDRESS and no ``ray_init_kwargs``: join that one, whose start-up is
+    then the connection) and run the preprocess step on it while ``sampler`` samples.
 
     Returns the manifest and the seconds of each phase: ``ray_init`` (cluster start), ``ray_data``
     (read .. write_parquet returned) and ``manifest`` (the driver reads the output back).
@@ -229,7 +230,8 @@ def measure(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, sampler
     sampler.start()
     times = {"start": time.perf_counter()}
     try:
-        with common.local_ray(**ray_init_kwargs):
+        joined = os.environ.get("RAY_ADDRESS") and not ray_init_kwargs
+        with common.pipeline_ray() if joined else common.local_ray(**ray_init_kwargs):
             times["ray_ready"] = time.perf_counter()
             sampler.attach()
             real_build_manifest = shards.build_manifest

@@ -202,7 +202,7 @@ def resume(trainer: VAEGANTrainer, start_from: Checkpoint | None) -> tuple[int, 
         state = load_checkpoint(Path(folder) / CHECKPOINT_NAME)
     trainer.load_state_dict(state, config_learning_rates=own is None)
     history = json.loads(state["history"])
-    origin = "resumed" if own else f"started from {checkpoint.path} at"
+    origin = "resumed from" if own else f"started from {checkpoint.path} at"
     print(f"[train] {origin} epoch {state['epoch']} (step {state['step']})", flush=True)
     return int(state["epoch"]) + 1, history
 

@@ -42,7 +42,8 @@ SPREAD = {"test_benchmarks", "test_mlflow_outage"}
 SAME_PROCESS = {"test_security": "test_pipeline"}  # both read conftest's session-wide smoke_run
 # The longest groups first (from the --durations of a serial run), so that neither process is left with a long one
 # at the end while the other idles; the rest keep their file order.
-LONGEST_FIRST = ("test_pipeline", "test_faults", "test_deploy", "test_object_storage", "test_benchmarks::test_quality_quick",
+LONGEST_FIRST = ("test_pipeline", "test_faults", "test_deploy", "test_object_storage", "test_sweeps",
+                 "test_benchmarks::test_quality_quick",
                  "test_mlflow_outage::test_a_server_down_until_training_ends", "test_benchmarks::test_throughput_quick",
                  "test_benchmarks::test_sweep_quick", "test_mlflow_outage::test_a_server_that_comes_back",
                  "test_benchmarks::test_preprocess_quick", "test_steps", "test_bad_input")

@@ -1,8 +1,8 @@
 """Each benchmark's --quick mode end to end (a real Ray where the benchmark uses one): it runs, and its JSON
 has the layout of the committed full run (benchmarks/results/<name>.json: every block, every key of each
-block, ``command`` and ``machine``), with finite, positive figures. The throughput, sweep and quality scripts
-join the test process's shared Ray head (RAY_ADDRESS, conftest's ``shared_ray``); preprocess measures a
-fresh local Ray's start-up, so it starts its own. Four Ray Train runs (1 throughput, 2 sweep trials,
+block, ``command`` and ``machine``), with finite, positive figures. The scripts that use Ray join the test
+process's shared Ray head (RAY_ADDRESS, conftest's ``shared_ray``); preprocess's full run measures a fresh
+local Ray's start-up, its --quick run here the connection. Four Ray Train runs (1 throughput, 2 sweep trials,
 1 quality pipeline) at ~20 s of start-up each (Train controller, worker group) set the floor; their epochs
 take seconds."""
 from __future__ import annotations
@@ -85,8 +85,8 @@ def test_flops_quick(tmp_path, work_dir):
     assert positive(result["machine_gflops"]["matmul"])
 
 
-def test_preprocess_quick(tmp_path, work_dir):
-    result = run_quick("preprocess", tmp_path, work_dir)
+def test_preprocess_quick(tmp_path, work_dir, shared_ray):
+    result = run_quick("preprocess", tmp_path, work_dir, shared_ray)
     assert result["setup"]["limit"] == 2000
     for side in ("ray_data", "numpy"):
         assert result[side]["rows"] == 2000, side

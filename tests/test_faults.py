@@ -27,7 +27,7 @@ TRAIN_WORKER = "RayTrainWorker"  # the process title Ray gives a Train worker ac
 
 def start(run_dir: Path, env: dict) -> subprocess.Popen:
     command = [str(BIN / "vaegan"), "run", "--config", "pipelines/configs/smoke.yaml", "--run-dir", str(run_dir),
-               "--steps", "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "train.epochs=3",
+               "--steps", "preprocess,tune,train", "--set", "tune.enabled=false", "--set", "train.epochs=2",
                "--set", "train.num_workers=2", "--set", "register.experiment=faults"]
     # errors="replace": read while being written, it may end in a cut character
     log = open(run_dir.parent / f"{run_dir.name}-attempt-{time.time_ns()}.log", "w+", errors="replace")
