@@ -1,7 +1,7 @@
 """ASHA vs a grid run to completion, over the same points of the search space, through the product's sweep.
 
-  grid  ``tune.space.grid_space``: ``--points`` values of each of ``--keys`` (default: the first two of
-        the kind's ``GRID_KEYS``), every point trained for ``--max-epochs``. It goes through ``tune.sweep.run``
+  grid  ``tune.space.grid_space``: ``--points`` values of each of ``--keys`` (default: the kind's three
+        ``GRID_KEYS``, 2 x 2 x 2 = 8 points), every point trained for ``--max-epochs`` (default 16). It goes through ``tune.sweep.run``
         with ``tune.grace_period = max_epochs``: ASHA then has a single rung, at max_t, and stops no
         trial early, so this is the grid run to completion with everything else identical.
   asha  the same points through ``tune.sweep.run`` with ASHA (``--grace-period``, ``--reduction-factor``).
@@ -12,7 +12,7 @@ validation domain FID (``val/fid``) a trial last reported (Tune's best result, a
 "compute" is trial-epochs (Tune's ``training_iteration`` summed over trials).
 
 Run from the repository root, under the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 4 points x 4 epochs, ~7 min
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 8 points x 16 epochs, ~13 min
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change).
 """
@@ -34,11 +34,13 @@ def parse_args():
     p.add_argument("--config", default=None, help="pipeline config (default pipelines/configs/default.yaml; "
                                                   "--quick: smoke.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--keys", default=None, help="comma-separated section.name keys of the grid (default the first "
-                                                "two of tune.space.GRID_KEYS[model.kind]; --quick: opt_dec.lr)")
+    p.add_argument("--keys", default=None, help="comma-separated section.name keys of the grid (default "
+                                                "tune.space.GRID_KEYS[model.kind]; --quick: opt_dec.lr)")
     p.add_argument("--points", type=int, default=None, help="values per key (default 2; --quick 1: a check of the layout)")
-    p.add_argument("--max-epochs", type=int, default=None, help="epochs of a completed trial (default 4; --quick 2)")
-    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs of a completed trial (default 16; --quick 2)")
+    p.add_argument("--grace-period", type=int, default=None,
+                   help="ASHA's first rung, in epochs (default 2: an epoch of 960 images is 15 steps, after one of "
+                        "which every point scores alike; --quick 1)")
     p.add_argument("--reduction-factor", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=None,
                    help="training images per trial epoch (default 960; --quick 256)")
@@ -47,7 +49,8 @@ def parse_args():
     args.config = args.config or f"pipelines/configs/{'smoke' if args.quick else 'default'}.yaml"
     args.keys = tuple(args.keys.split(",")) if args.keys else (("opt_dec.lr",) if args.quick else None)
     args.points = args.points or (1 if args.quick else 2)
-    args.max_epochs = args.max_epochs or (2 if args.quick else 4)
+    args.max_epochs = args.max_epochs or (2 if args.quick else 16)
+    args.grace_period = args.grace_period or (1 if args.quick else 2)
     args.train_limit = args.train_limit or (256 if args.quick else 960)
     args.val_images = args.val_images or (64 if args.quick else 256)
     args.out = common.result_path(args, "sweep")
@@ -103,9 +106,9 @@ def main() -> None:
     from tune.space import GRID_KEYS, grid_space
     cfg = common.load_pipeline_config(args.config, ["train.patience=0", f"train.val_images={args.val_images}",
                                                     *args.overrides])
-    # Two keys by default: each Ray Train trial costs ~20 s of start-up here, so 2 x 2 points keep the full
-    # run (grid + ASHA) under 8 minutes on 2 cores.
-    space = grid_space(cfg.model.kind, args.keys or GRID_KEYS[cfg.model.kind][:2], args.points)
+    # 8 points x 16 epochs by default: successive halving pays only when there are rungs to stop trials at and
+    # trials to stop (with 4 x 4 ASHA spent 81% of the grid's trial-epochs); ~13 minutes on 2 cores.
+    space = grid_space(cfg.model.kind, args.keys or GRID_KEYS[cfg.model.kind], args.points)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=args.work_dir)).resolve()
     try:
