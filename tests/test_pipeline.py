@@ -126,6 +126,7 @@ def test_a_two_objective_optuna_sweep_reports_its_pareto_front(smoke_run):
     objectives = ["val/fid", "val/recon_mse"]
     trials, front = read_rows(tune_dir / "trials.csv", objectives), read_rows(tune_dir / "pareto.csv", objectives)
     assert len(trials) == 2 and front
+    assert [int(t["epochs"]) for t in trials] == [1, 1]  # smoke.yaml's tune.max_epochs, counted per trial
     for point in front:  # no trial is at least as good on both and better on one
         assert not [t for t in trials if all(t[m] <= point[m] for m in objectives)
                     and any(t[m] < point[m] for m in objectives)], point

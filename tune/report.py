@@ -16,7 +16,7 @@ from pipelines.config import flatten
 
 from .objectives import OBJECTIVES, pareto_front, signed
 from .search import EPOCH
-from .trial import DONOR, PARAM, trial_id_of
+from .trial import DONOR, PARAM
 
 matplotlib.use("Agg")  # file-only backend: clusters have no display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -34,6 +34,8 @@ class TrialHistory(ray_tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         kept = {k: v for k, v in result.items() if k.startswith(self.KEPT)}
+        if kept.get(DONOR):  # the donor's folder name, as the trial saw it: its id
+            kept[DONOR] = next((t.trial_id for t in trials if t.path and Path(t.path).name == kept[DONOR]), kept[DONOR])
         self.reports.setdefault(trial.trial_id, []).append({"trial": trial.trial_id, **kept})
 
 
@@ -43,7 +45,8 @@ def trial_rows(results: ray_tune.ResultGrid, objectives: Sequence[str],
     without a score last."""
     rows = []
     for result in results:
-        metrics, trial = result.metrics or {}, trial_id_of(result.path) if result.path else "?"
+        metrics = result.metrics or {}
+        trial = metrics.get("trial_id", "?")  # Tune's own id (filled into every result)
         rows.append({"trial": trial, **flatten(result.config or {}),
                      **{m: metrics.get(m, float("nan")) for m in objectives},
                      "epochs": len(history.reports.get(trial, [])), "error": str(result.error or "")})

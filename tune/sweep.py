@@ -28,7 +28,7 @@ from .report import TrialHistory, trial_rows, write_report
 from .objectives import pick
 from .search import EPOCH, make_scheduler, make_search
 from .space import left_as_given, search_space
-from .trial import make_trial, trial_id_of
+from .trial import make_trial
 
 PBT_CHECKPOINT = "pbt_checkpoint"  # the folder, in the tune step's, of the PBT winner's model for the train step
 
@@ -118,7 +118,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
     epochs = sum(r["epochs"] for r in rows)
     print(f"[tune] {len(rows)} trials, {epochs} trial-epochs; "
           f"report: {', '.join(p.name for p in report)} in the tune step's folder", flush=True)
-    best = next(r for r in results if r.path and trial_id_of(r.path) == winner["trial"])
+    best = next(r for r in results if (r.metrics or {}).get("trial_id") == winner["trial"])
     print(f"[tune] best trial {', '.join(f'{m}={winner[m]:.4g}' for m in objectives)} with {flatten(best.config)}",
           flush=True)
     return SweepOutcome(overrides=best.config, left_as_given=kept, best_score=winner[objectives[0]],

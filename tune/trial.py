@@ -23,7 +23,10 @@ from pipelines.context import RunContext
 from pipelines.training import fit_tracked
 from vaegan.config import from_dict
 
-DONOR = "pbt/donor"  # in a trial's first report after it took over another trial's checkpoint: that trial's id
+# In a trial's first report after it took over another trial's checkpoint: that trial's folder name, which the
+# driver's TrialHistory turns into its id (a trial id cannot be read off a folder name: its form depends on the
+# search algorithm).
+DONOR = "pbt/donor"
 PARAM = "param/"  # the prefix of the trial's current overrides in every report (PBT changes them mid-trial)
 _END = "end"  # what the Train thread puts on the queue when it returns or raises
 
@@ -39,12 +42,6 @@ class TrialReports(UserCallback):
         self.queue.put((metrics[0], checkpoint))
 
 
-def trial_id_of(folder: str | Path) -> str:
-    """The trial id in a Tune trial folder's name ("<trainable>_<id>_<index>_<params>", the id itself
-    "<experiment>_<number>")."""
-    return "_".join(Path(folder).name.split("_")[1:3])
-
-
 def make_trial(base: dict[str, Any], ctx: RunContext, data: str, image_shape: list[int], featnet: str, *,
                prefix: str, train_limit: int, keep_checkpoints: bool) -> Callable[[dict[str, Any]], None]:
     """The trial function for the Tuner: the config dict ``base`` with the trial's overrides, trained over the
@@ -56,7 +53,8 @@ def make_trial(base: dict[str, Any], ctx: RunContext, data: str, image_shape: li
         start = ray_tune.get_checkpoint()
         name = prefix + trial_id + (f"-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}" if start else "")
         params = {PARAM + key: value for key, value in flatten(overrides).items()}
-        first = {DONOR: donor} if start and (donor := trial_id_of(Path(start.path).parent)) != trial_id else {}
+        donor = Path(start.path).parent.name if start else ""
+        first = {DONOR: donor} if donor and donor != Path(ray_tune.get_context().get_trial_dir()).name else {}
         reports = TrialReports()
         outcome: dict[str, BaseException] = {}
 
