@@ -145,7 +145,7 @@ class TuneConfig:
     search: Literal["random", "optuna"] = "random"
     objectives: list[str] = field(default_factory=lambda: ["val/fid"])  # the first one ranks trials for ASHA/PBT
     # With several objectives, the winner is the best first objective among the trials whose every other
-    # objective is within this factor of that objective's best (docs/sweeps.md)
+    # objective is within this factor of that objective's best (README, "Sweeps and evaluation")
     objective_tolerance: float = 1.25
 
     def validate(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tune.objectives import OBJECTIVES
 from tune.space import left_as_given, searchable_keys
-from vaegan.config import ConfigError
+from vaegan.config import _require
 
 from ..config import PipelineConfig, check_batch_fits
 from ..context import RunContext, StepOutputs
@@ -48,13 +48,10 @@ def check(cfg: PipelineConfig) -> None:
     every objective a figure the trials report."""
     allowed = searchable_keys(cfg.model.kind)
     for key in cfg.tune.search_keys:
-        if key not in allowed:
-            raise ConfigError(f"config key 'tune.search_keys' has invalid value {key!r}; allowed: keys the "
-                              f"{cfg.model.kind} sweep searches ({', '.join(allowed)})")
+        _require(key in allowed, "tune.search_keys", key,
+                 f"keys the {cfg.model.kind} sweep searches ({', '.join(allowed)})")
     for objective in cfg.tune.objectives:
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"config key 'tune.objectives' has invalid value {objective!r}; allowed: "
-                              f"{', '.join(OBJECTIVES)}")
+        _require(objective in OBJECTIVES, "tune.objectives", objective, ", ".join(OBJECTIVES))
 
 
 def cache_extra(cfg: PipelineConfig, ctx: RunContext) -> dict[str, Any]:
