@@ -6,6 +6,7 @@ import base64
 import configparser
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -172,6 +174,64 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
     """Run the `vaegan` console script as a user would, from the repository root."""
     return subprocess.run([str(BIN / "vaegan"), *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+# What a fresh `python` process starts with (CPython's default warning filters), so that a warning the CLI
+# raises is printed on stderr as it would be there, not recorded by pytest.
+PROCESS_WARNING_FILTERS = [("default", None, DeprecationWarning, "__main__", 0),
+                           ("ignore", None, DeprecationWarning, None, 0),
+                           ("ignore", None, PendingDeprecationWarning, None, 0),
+                           ("ignore", None, ImportWarning, None, 0), ("ignore", None, ResourceWarning, None, 0)]
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Everything this process writes to stdout and stderr inside the block, into files: Python's streams,
+    the file descriptors (C code), logging handlers that hold a stream opened before, and warnings as a fresh
+    process shows them. Yields a dict that holds the two texts once the block ends."""
+    out: dict[str, str] = {}
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        old = {id(stream): new for streams, new in (((sys.stdout, sys.__stdout__), stdout),
+                                                    ((sys.stderr, sys.__stderr__), stderr)) for stream in streams}
+        handlers = [h for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                    for h in getattr(logger, "handlers", []) if type(h) is logging.StreamHandler
+                    and id(h.stream) in old]
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(stdout.fileno(), 1), os.dup2(stderr.fileno(), 2)
+        streams = [(h, h.setStream(old[id(h.stream)])) for h in handlers]
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.filters[:] = PROCESS_WARNING_FILTERS
+                yield out
+        finally:
+            for warning in caught:
+                stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
+                                                    warning.lineno, warning.line))
+            for handler, stream in streams:
+                handler.setStream(stream)
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+            for name, file in (("stdout", stdout), ("stderr", stderr)):
+                file.seek(0)
+                out[name] = file.read()
+
+
+def vaegan_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``vaegan ARGS`` as ``pipelines.cli.main`` in this process (the main thread: main sets a SIGTERM handler,
+    put back here); the same record as a finished process: exit code, stdout, stderr."""
+    from pipelines import cli  # its imports are light; a verb loads what it needs
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with captured_output() as out:
+        try:
+            code = cli.main(args)
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["vaegan", *args], code, out["stdout"], out["stderr"])
 
 
 @pytest.fixture(scope="session")

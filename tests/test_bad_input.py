@@ -14,15 +14,9 @@ image of another size, a .npy array with a channel count other than 1 or 3.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import os
-import signal
 import subprocess
-import sys
-import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BIN, REPO, run_cli
+from conftest import BIN, REPO, run_cli, vaegan_in_process
 from test_imagerows import png_header
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines import cli, registry, tracking
+from pipelines import registry, tracking
 from pipelines.config import ALIAS_RULE, RegisterConfig
 from vaegan.checkpoint import save_checkpoint
 from vaegan.config import VAEGANConfig
@@ -438,63 +432,6 @@ class Outcomes:
     rows: dict[str, Outcome]
     shared_before: tuple
     shared_after: tuple
-
-
-# What a fresh `python` process starts with (CPython's default warning filters), so that a warning the CLI
-# raises is printed on stderr as it would be there, not recorded by pytest.
-PROCESS_WARNING_FILTERS = [("default", None, DeprecationWarning, "__main__", 0),
-                           ("ignore", None, DeprecationWarning, None, 0),
-                           ("ignore", None, PendingDeprecationWarning, None, 0),
-                           ("ignore", None, ImportWarning, None, 0), ("ignore", None, ResourceWarning, None, 0)]
-
-
-@contextlib.contextmanager
-def captured_output():
-    """Everything this process writes to stdout and stderr inside the block, into files: Python's streams,
-    the file descriptors (C code), logging handlers that hold a stream opened before, and warnings as a fresh
-    process shows them. Yields a dict that holds the two texts once the block ends."""
-    out: dict[str, str] = {}
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        old = {id(stream): new for streams, new in (((sys.stdout, sys.__stdout__), stdout),
-                                                    ((sys.stderr, sys.__stderr__), stderr)) for stream in streams}
-        handlers = [h for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-                    for h in getattr(logger, "handlers", []) if type(h) is logging.StreamHandler
-                    and id(h.stream) in old]
-        sys.stdout.flush(), sys.stderr.flush()
-        saved = os.dup(1), os.dup(2)
-        os.dup2(stdout.fileno(), 1), os.dup2(stderr.fileno(), 2)
-        streams = [(h, h.setStream(old[id(h.stream)])) for h in handlers]
-        try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
-                    warnings.catch_warnings(record=True) as caught:
-                warnings.filters[:] = PROCESS_WARNING_FILTERS
-                yield out
-        finally:
-            for warning in caught:
-                stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename,
-                                                    warning.lineno, warning.line))
-            for handler, stream in streams:
-                handler.setStream(stream)
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-            os.close(saved[0]), os.close(saved[1])
-            for name, file in (("stdout", stdout), ("stderr", stderr)):
-                file.seek(0)
-                out[name] = file.read()
-
-
-def vaegan_in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """``vaegan ARGS`` as ``pipelines.cli.main`` in this process (the main thread: main sets a SIGTERM handler,
-    put back here); the same record as a finished process: exit code, stdout, stderr."""
-    sigterm = signal.getsignal(signal.SIGTERM)
-    with captured_output() as out:
-        try:
-            code = cli.main(args)
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code
-        finally:
-            signal.signal(signal.SIGTERM, sigterm)
-    return subprocess.CompletedProcess(["vaegan", *args], code, out["stdout"], out["stderr"])
 
 
 def vaegan(args: list[str], env: dict[str, str], as_user: bool) -> subprocess.CompletedProcess:

@@ -2,13 +2,13 @@
 credentials checked), a real `mlflow server` whose artifacts live in the bucket, and a real local Ray.
 
 One run folder ``s3://BUCKET/run`` goes through the smoke DAG twice: the first driver is SIGKILLed, with the
-local Ray it started, once Ray Train has recorded a checkpoint in the bucket; the second finishes from it. Then
-a third run changes nothing, and a process with no AWS credentials pulls the registered model through the
-tracking server. Each driver runs in an empty working directory, which must stay empty. A smoke run on
-``gs://`` (a local GCS emulator, ``deploy/local_gcs.py``) checks that the same code serves Google Cloud
-Storage. The runs from a source in the bucket and on ``gs://`` join one Ray head (``stores_ray``) instead
-of each starting a local Ray: its workers hold the stores' settings, as a cluster's nodes or a job's runtime
-env would.
+local Ray it started, once Ray Train has recorded a checkpoint in the bucket; the second, on another Ray,
+finishes from what the bucket holds. Then a third run changes nothing, and a process with no AWS credentials
+pulls the registered model through the tracking server. Each driver runs in an empty working directory, which
+must stay empty. A smoke run on ``gs://`` (a local GCS emulator, ``deploy/local_gcs.py``) checks that the same
+code serves Google Cloud Storage. That second run, the runs from a source in the bucket and the one on
+``gs://`` join one Ray head (``stores_ray``) instead of each starting a local Ray: its workers hold the
+stores' settings, as a cluster's nodes or a job's runtime env would.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def stores_ray(s3, gcs):
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3, s3_mlflow, tmp_path_factory):
+def s3_run(s3, s3_mlflow, stores_ray, tmp_path_factory):
     env = {**s3, "MLFLOW_TRACKING_URI": s3_mlflow}
     fs, run_dir = bucket_fs(s3), f"s3://{BUCKET}/run"
     workdirs = [tmp_path_factory.mktemp(f"cwd-{n}") for n in range(3)]
@@ -86,7 +86,7 @@ def s3_run(s3, s3_mlflow, tmp_path_factory):
     killed_output = first.log.read()
     after_kill = objects(fs, "run")
 
-    second = vaegan(workdirs[1], env, *run_args(run_dir))
+    second = vaegan(workdirs[1], {**env, **stores_ray}, *run_args(run_dir))  # on a Ray that outlives drivers
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     third = vaegan(workdirs[2], env, *run_args(run_dir))  # starts no Ray: every step is cached
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
