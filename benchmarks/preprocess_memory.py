@@ -230,8 +230,7 @@ def measure(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, sampler
     sampler.start()
     times = {"start": time.perf_counter()}
     try:
-        joined = os.environ.get("RAY_ADDRESS") and not ray_init_kwargs
-        with common.pipeline_ray() if joined else common.local_ray(**ray_init_kwargs):
+        with common.local_ray(**ray_init_kwargs) if ray_init_kwargs else common.pipeline_ray():
             times["ray_ready"] = time.perf_counter()
             sampler.attach()
             real_build_manifest = shards.build_manifest
