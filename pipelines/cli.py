@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     # With tqdm installed (Ray's progress bars need it) MLflow draws a bar on stderr for every model it
     # downloads or uploads: noise around the pull verbs' one-line errors, for models of a few MB.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ray_was_up = _ray_is_up()
     try:
         if args.verb not in ("run", "sweep"):  # the pipeline's own client bounds its retries; these call MLflow directly
             check_tracking_server(args.model)  # before seconds of importing torch and MLflow
@@ -286,8 +287,20 @@ def main(argv: list[str] | None = None) -> int:
         if user_error is None or args.debug:
             raise
         lines = [line.strip() for line in str(user_error).splitlines() if line.strip()]  # YAML's errors span lines
+        if _ray_is_up() and not ray_was_up:
+            # This call started or joined Ray, which forwards its workers' output here until it shuts down, and a
+            # progress bar's last write ends with no newline: stop the forwarding, then give the error a line of
+            # its own (in one CI run, no stderr line of a bad image folder's run began with "error: ").
+            sys.modules["ray"].shutdown()
+            print(file=sys.stderr)
         print(f"error: {'; '.join(lines)}", file=sys.stderr)
         return 2
+
+
+def _ray_is_up() -> bool:
+    """Whether this process is connected to Ray, without importing it (most verbs never do)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 if __name__ == "__main__":
