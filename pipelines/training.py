@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -171,6 +172,13 @@ def best_checkpoint_state(result: ray.train.Result) -> dict[str, Any]:
         raise RuntimeError(f"training run {result.path} finished without a checkpoint: {result.error}")
     with checkpoint.as_directory() as folder:
         return load_checkpoint(Path(folder) / CHECKPOINT_NAME)
+
+
+def trained_history(result: ray.train.Result) -> list[dict[str, float]]:
+    """Every epoch's figures, from the latest checkpoint (the run's last epoch always saves one): the best
+    checkpoint's own history stops at the best epoch, and curves and benchmarks want the whole run."""
+    with result.checkpoint.as_directory() as folder:
+        return json.loads(load_checkpoint(Path(folder) / CHECKPOINT_NAME)["history"])
 
 
 def with_fitted_prior(state: dict[str, Any], train_images: Any, seed: int) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"cores", "memory_gib", "cpu_model", "torch", "ray", "mlflow", "python", "platform", "date"}
-QUALITY_METRICS = {"fid", "kid", "precision", "recall", "recon_mse", "iwae_nll", "active_units", "elbo_gap"}
+QUALITY_METRICS = {"fid", "kid", "precision", "recall", "recon_mse", "iwae_nll", "active_units", "elbo_gap",
+                   "fid_fitted_prior"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,13 @@ def test_quality_quick(tmp_path, work_dir, shared_ray):
         assert math.isfinite(figure["mean"]), name
     assert all(positive(block["metrics"][k]["mean"]) for k in ("fid", "recon_mse", "iwae_nll"))
     assert block["model_uri"] == "models:/bench-quality-vae@champion"
-    assert block["runs"][0]["model_uri"] == "models:/bench-quality-vae/1"
-    assert result["vaegan"] == result["pythae_vaegan"] == {"skipped": "--quick"}
-    assert result["ratios"]["vaegan_over_vae_fid"] is None
+    run = block["runs"][0]
+    assert run["model_uri"] == "models:/bench-quality-vae/1"
+    assert run["epochs"] == 1 and positive(run["epochs_seconds"])
+    assert run["dis_update_fraction"] is block["dis_update_fraction"] is None  # a plain VAE has no discriminator
+    assert result["vaegan"] == result["vae_equal_time"] == result["pythae_vaegan"] == {"skipped": "--quick"}
+    assert result["ratios"].keys() == {"vaegan_over_vae_fid", "vaegan_over_vae_equal_time_fid", "vaegan_over_pythae_fid",
+                                       "pythae_vaegan_over_vaegan_fid", "vaegan_over_vae_recon_mse",
+                                       "vaegan_fitted_over_standard_prior_fid"}
+    assert set(result["ratios"].values()) == {None}
     assert result["tracking_uri"].startswith("sqlite:///")

@@ -3,7 +3,7 @@
 Inputs:  the preprocess step's shards and feature net (for the per-epoch validation FID), and the tune
          step's best overrides, applied to the config; after a PBT sweep, training continues from the
          winner's model (its weights, optimisers, step and history) up to ``train.epochs``.
-Outputs: ``checkpoint.pt`` (the best checkpoint by validation FID), ``history.json`` (per-epoch figures),
+Outputs: ``checkpoint.pt`` (the best checkpoint by validation FID), ``history.json`` (every epoch's figures),
          ``samples.png``, ``reconstructions.png``, ``interpolation.png`` and ``loss_curves.png``, all
          logged to the step's MLflow run ``train-<key>``.
 Run it:  ``vaegan run --config pipelines/configs/smoke.yaml --steps preprocess,tune,train``
@@ -59,7 +59,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     from vaegan.inference import GenerativeModel
 
     from .. import plots
-    from ..training import SCORE, best_checkpoint_state, fit_tracked, with_fitted_prior
+    from ..training import SCORE, best_checkpoint_state, fit_tracked, trained_history, with_fitted_prior
     cfg = from_dict(PipelineConfig, merge(dataclasses.asdict(cfg), inputs.tune.overrides))
     data = inputs.preprocess
     check_batch_fits(cfg, data.train_rows, data.train_rows_source)  # the real count; the driver's may be an estimate
@@ -71,7 +71,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, inputs: Inputs, out: Path) -> Outp
     tracking.require_sent(ctx.tracking_uri, run_id, outcome.mlflow_unsent, outcome.result.path)
     state = with_fitted_prior(best_checkpoint_state(outcome.result), data.images("train"), cfg.train.seed)
     torch.save(state, out / CHECKPOINT_NAME)
-    history = json.loads(state["history"])
+    history = trained_history(outcome.result)
     (out / "history.json").write_text(json.dumps(history, indent=2))
     pngs = write_grids(GenerativeModel.from_checkpoint(state), data, out)
     pngs.append(plots.loss_curves(history, out / "loss_curves.png"))
