@@ -20,7 +20,7 @@ steps on which the discriminator was updated, per epoch (``dis_update_fraction``
 run folder with its own MLflow store (``tracking_uri``), so any model can be pulled or re-scored later.
 
 Run from the repository root; every ``vaegan run`` starts Ray, so hold the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/quality.py --seeds 0 1 2   # ~1 h 40 min on 2 cores
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/quality.py --seeds 0 1 2   # ~2 h 10 min on 2 cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/quality.py --quick         # 1,500 images, 1 epoch, vae only
 Results: benchmarks/results/quality.json (--quick: quality_quick.json; --out to change).
 """
