@@ -131,13 +131,15 @@ def pythae_run(cfg, data: common.PreparedData, seed: int, tracking_uri: str, run
 # -- aggregation ----------------------------------------------------------------------------------------
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std and the per-seed values."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
 def system_block(system: str, seeds: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean, sample std and per-seed values of every metric all seeds report, the discriminator's update
     fraction per epoch (mean over seeds) and at its worst epoch, and the registered models' URIs."""
-    def spread(values: list[float]) -> dict[str, Any]:
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "per_seed": values}
-
     metrics = [k for k in runs[0]["metrics"] if all(k in run["metrics"] for run in runs)]
     fractions = [run["dis_update_fraction"] for run in runs]
     return {"metrics": {k: spread([run["metrics"][k] for run in runs]) for k in metrics},

@@ -1,32 +1,49 @@
-"""ASHA vs a grid run to completion, over the same points of the search space, through the product's sweep.
+"""What a sweep costs and what it buys: ASHA vs a grid run to completion, PBT vs ASHA at equal trial-epochs,
+and the main job's sweep against the untuned default config.
 
   grid  ``tune.space.grid_space``: ``--points`` values of each of ``--keys`` (default: the kind's three
         ``GRID_KEYS``, 2 x 2 x 2 = 8 points), every point trained for ``--max-epochs`` (default 16). It goes through ``tune.sweep.run``
         with ``tune.grace_period = max_epochs``: ASHA then has a single rung, at max_t, and stops no
         trial early, so this is the grid run to completion with everything else identical.
   asha  the same points through ``tune.sweep.run`` with ASHA (``--grace-period``, ``--reduction-factor``).
+  pbt   ``tune.scheduler=pbt`` over the same keys' ranges (``tune.space.search_space``), a population of
+        round(ASHA's trial-epochs / max_epochs) trials run for max_epochs, perturbed every
+        ``--perturbation-interval`` epochs: the same compute as ASHA, spent on a population that exploits its
+        best members instead of stopping its worst.
+  tuned_vs_default
+        the main job's sweep (``pipelines/configs/default.yaml``'s ``tune`` section) run through ``vaegan run``
+        on the quality benchmark's config and first seed, its winner then trained with each of that benchmark's
+        seeds, against the untuned default: the ``vaegan`` runs of ``--default-from`` (quality.json: the same
+        config, seeds and 5-epoch budget with the sweep off). Test domain FID of the registered models.
 
-Each trial is a real Ray Train run (``pipelines.training.fit``) of the config with the point's overrides and
-the same seed, so a point trains alike in both sweeps; only ASHA's stopping differs. "best" is the lowest
-validation domain FID (``val/fid``) a trial last reported (Tune's best result, as the tune step uses);
-"compute" is trial-epochs (Tune's ``training_iteration`` summed over trials).
+Each grid, ASHA and PBT trial is a real Ray Train run (``pipelines.training.fit``) of the config with the point's
+overrides and the same seed, so a point trains alike in the grid and ASHA; only ASHA's stopping differs. "best" is
+the lowest validation domain FID (``val/fid``) a trial last reported (Tune's best result, as the tune step uses);
+"best_test_fid" scores that trial's last model on the test split (``--test-images``) with the evaluate step's
+code; "compute" is trial-epochs (Tune's ``training_iteration`` summed over trials).
 
 Run from the repository root, under the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 8 points x 16 epochs, ~13 min
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # ~75 min on 2 cores (tuned_vs_default ~50)
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change).
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import common
+import quality
+
+MAIN_JOB_CONFIG = "pipelines/configs/default.yaml"
 
 
 def parse_args():
@@ -42,9 +59,19 @@ def parse_args():
                    help="ASHA's first rung, in epochs (default 2: an epoch of 960 images is 15 steps, after one of "
                         "which every point scores alike; --quick 1)")
     p.add_argument("--reduction-factor", type=int, default=2)
+    p.add_argument("--perturbation-interval", type=int, default=4, help="PBT's epochs between exploits (default 4)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="training images per trial epoch (default 960; --quick 256)")
     p.add_argument("--val-images", type=int, default=None, help="validation images for val/fid (default 256; --quick 64)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="test images for the winners' best_test_fid (default 2000; --quick the config's eval.num_images)")
+    p.add_argument("--pbt", action=argparse.BooleanOptionalAction, default=None, help="run the PBT search (default: "
+                                                                                      "yes; --quick: no)")
+    p.add_argument("--tuned-vs-default", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the main job's sweep against the untuned default (default: yes; --quick: no)")
+    p.add_argument("--default-from", type=Path, default=common.RESULTS / "quality.json",
+                   help="the quality benchmark result whose vaegan runs are the untuned default (default "
+                        "benchmarks/results/quality.json)")
     args = p.parse_args()
     args.config = args.config or f"pipelines/configs/{'smoke' if args.quick else 'default'}.yaml"
     args.keys = tuple(args.keys.split(",")) if args.keys else (("opt_dec.lr",) if args.quick else None)
@@ -53,6 +80,9 @@ def parse_args():
     args.grace_period = args.grace_period or (1 if args.quick else 2)
     args.train_limit = args.train_limit or (256 if args.quick else 960)
     args.val_images = args.val_images or (64 if args.quick else 256)
+    args.test_images = args.test_images or (0 if args.quick else 2000)
+    args.pbt = (not args.quick) if args.pbt is None else args.pbt
+    args.tuned_vs_default = (not args.quick) if args.tuned_vs_default is None else args.tuned_vs_default
     args.out = common.result_path(args, "sweep")
     return args
 
@@ -67,23 +97,35 @@ def tracking_context(scratch: Path):
     return RunContext(run_dir=str(scratch), tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent)
 
 
-def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict, out: Path) -> dict[str, Any]:
-    """One sweep through the product's ``tune.sweep.run``; its outcome plus the per-trial table."""
-    from dataclasses import replace
+# -- the searches ---------------------------------------------------------------------------------------
 
+
+def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict, out: Path) -> dict[str, Any]:
+    """One sweep through the product's ``tune.sweep.run``; its outcome, its winner's test FID and the per-trial
+    table."""
     from tune import sweep
     out.mkdir(parents=True)
     start = time.perf_counter()
     outcome = sweep.run(cfg, replace(ctx, step_key=name), str(data.dir), data.image_shape, data.featnet_path, out,
-                        param_space=param_space)
+                        param_space=param_space, keep_best=True)
     seconds = time.perf_counter() - start
     with open(out / "trials.csv", newline="") as f:
         # The "trial" column holds only the experiment's id prefix, the same for every trial: left out.
         trials = [{k: _number(v) for k, v in row.items() if k != "trial" and (k != "error" or v)}
                   for row in csv.DictReader(f)]
-    return {"best_val_fid": round(outcome.best_score, 4), "best_overrides": outcome.overrides,
-            "trial_epochs": outcome.trial_epochs, "trials": outcome.trials, "seconds": round(seconds, 1),
-            "per_trial": trials}
+    return {"best_val_fid": round(outcome.best_score, 4),
+            "best_test_fid": round(score_test_fid(cfg, data, out / outcome.checkpoint), 4),
+            "best_overrides": outcome.overrides, "trial_epochs": outcome.trial_epochs, "trials": outcome.trials,
+            "seconds": round(seconds, 1), "per_trial": trials}
+
+
+def score_test_fid(cfg, data: common.PreparedData, model_dir: Path) -> float:
+    """The domain FID on ``cfg.eval.num_images`` test images of the model saved in ``model_dir``, scored by the
+    evaluate step's code (outside the search's clock)."""
+    from pipelines.steps.evaluate import score_checkpoint
+    from vaegan.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    state = load_checkpoint(model_dir / CHECKPOINT_NAME)
+    return score_checkpoint(cfg.eval, state, data.outputs, data.featnet_path, seed=cfg.train.seed)["fid"]
 
 
 def _number(text: str) -> Any:
@@ -96,19 +138,89 @@ def _number(text: str) -> Any:
     return text
 
 
-def with_tune(cfg, args, grace_period: int):
-    return replace(cfg, tune=replace(cfg.tune, num_samples=1, max_epochs=args.max_epochs, grace_period=grace_period,
-                                     reduction_factor=args.reduction_factor, train_limit=args.train_limit))
+def with_tune(cfg, args, grace_period: int, **tune_keys):
+    return replace(cfg, tune=replace(cfg.tune, **{"num_samples": 1, "max_epochs": args.max_epochs,
+                                                  "grace_period": grace_period, "reduction_factor": args.reduction_factor,
+                                                  "train_limit": args.train_limit, **tune_keys}))
 
 
-def main() -> None:
-    args = parse_args()
+def pbt_search(cfg, args, keys: tuple[str, ...], asha_trial_epochs: int) -> tuple[Any, dict[str, Any]]:
+    """PBT's config and space: a population spending ASHA's trial-epochs, over ``keys``' search ranges."""
+    from tune.space import search_space, searchable_keys
+    population = max(2, round(asha_trial_epochs / args.max_epochs))
+    space = search_space(cfg.model.kind, leave=tuple(k for k in searchable_keys(cfg.model.kind) if k not in keys))
+    return with_tune(cfg, args, args.max_epochs, scheduler="pbt", num_samples=population,
+                     perturbation_interval=args.perturbation_interval), space
+
+
+# -- the main job's sweep against the untuned default ---------------------------------------------------
+
+
+def main_job_tune_overrides() -> list[str]:
+    """The ``tune`` keys README's main job sets (its YAML), as --set overrides, with the sweep switched on."""
+    from pipelines.config import flatten
+    main_job = common.load_pipeline_config(MAIN_JOB_CONFIG, [])
+    values = flatten(asdict(main_job))
+    return ["tune.enabled=true", *(f"{key}={values[key]}" for key in main_job.given_keys if key.startswith("tune."))]
+
+
+def tuned_vs_default(args) -> dict[str, Any]:
+    """Sweep once (the first seed), train the winner with every seed of ``--default-from``, and set the test
+    FIDs against that file's untuned ``vaegan`` runs (same config, seeds and budget)."""
+    default = json.loads(args.default_from.read_text())
+    setup, default_runs = default["setup"], default["vaegan"]["runs"]
+    seeds = [run["seed"] for run in default_runs]
+    run_args = SimpleNamespace(run_dir=(args.work_dir / "tuned-vs-default").resolve(), overrides=setup["overrides"])
+    run_args.run_dir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{run_args.run_dir / 'mlflow.db'}"
+    sweep_overrides = main_job_tune_overrides()
+    runs = [quality.pipeline_run(run_args, "vaegan_tuned", "vaegan", seeds[0], uri, tuple(sweep_overrides))]
+    summary = json.loads((run_args.run_dir / "summary.json").read_text())
+    if summary["feature_net"] != setup["feature_net"]:
+        raise RuntimeError(f"the tuned run's feature net {summary['feature_net']} is not {args.default_from}'s "
+                           f"{setup['feature_net']}: their FIDs do not compare")
+    sweep = sweep_figures(run_args.run_dir, summary)
+    winner = tuple(f"{key}={value}" for key, value in sweep["chose"].items())
+    runs += [quality.pipeline_run(run_args, "vaegan_tuned", "vaegan", seed, uri, winner) for seed in seeds[1:]]
+    tuned_fids, default_fids = [run["metrics"]["fid"] for run in runs], [run["metrics"]["fid"] for run in default_runs]
+    return {"seeds": seeds, "config": setup["config"], "train_epochs": setup["epochs"],
+            "sweep_overrides": sweep_overrides, "sweep": sweep,
+            "default": {"source": f"{shown(args.default_from)}: vaegan", "fid": quality.spread(default_fids)},
+            "tuned": {"fid": quality.spread(tuned_fids),
+                      "runs": [{"seed": seed, "fid": run["metrics"]["fid"], "model_uri": run["model_uri"]}
+                               for seed, run in zip(seeds, runs)]},
+            "tracking_uri": uri}
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (as the committed results name files)."""
+    path = path.resolve()
+    return str(path.relative_to(common.REPO)) if path.is_relative_to(common.REPO) else str(path)
+
+
+def sweep_figures(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """What the run's tune step chose and spent."""
+    from pipelines.context import read_outputs
+    from pipelines.steps import tune
+    step = summary["steps"]["tune"]
+    outputs = read_outputs(tune.Outputs, str(run_dir / f"tune-{step['key']}"))
+    return {"chose": summary["sweep"]["chose"], "trials": outputs.trials, "trial_epochs": outputs.trial_epochs,
+            "seconds": step["seconds"], "best_val_fid": outputs.best_score}
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def searches(args) -> tuple[dict[str, Any], ...]:
+    """The grid, ASHA and PBT blocks and the setup, on a Ray of their own and a scratch folder."""
     from tune.space import GRID_KEYS, grid_space
     cfg = common.load_pipeline_config(args.config, ["train.patience=0", f"train.val_images={args.val_images}",
+                                                    *([f"eval.num_images={args.test_images}"] if args.test_images else []),
                                                     *args.overrides])
     # 8 points x 16 epochs by default: successive halving pays only when there are rungs to stop trials at and
-    # trials to stop (with 4 x 4 ASHA spent 81% of the grid's trial-epochs); ~13 minutes on 2 cores.
-    space = grid_space(cfg.model.kind, args.keys or GRID_KEYS[cfg.model.kind], args.points)
+    # trials to stop (with 4 x 4 ASHA spent 81% of the grid's trial-epochs).
+    keys = args.keys or GRID_KEYS[cfg.model.kind]
+    space = grid_space(cfg.model.kind, keys, args.points)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=args.work_dir)).resolve()
     try:
@@ -120,23 +232,44 @@ def main() -> None:
             grid = ({"skipped": "--quick"} if args.quick else
                     run_sweep("grid", with_tune(cfg, args, args.max_epochs), ctx, data, space, scratch / "grid"))
             asha = run_sweep("asha", with_tune(cfg, args, args.grace_period), ctx, data, space, scratch / "asha")
+            if args.pbt:
+                pbt_cfg, pbt_space = pbt_search(cfg, args, keys, asha["trial_epochs"])
+                pbt = run_sweep("pbt", pbt_cfg, ctx, data, pbt_space, scratch / "pbt")
+            else:
+                pbt = {"skipped": "--quick" if args.quick else "--no-pbt"}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    setup = {"config": args.config, "overrides": args.overrides, "space": space, "max_epochs": args.max_epochs,
+             "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+             "perturbation_interval": args.perturbation_interval, "train_limit": args.train_limit,
+             "val_images": args.val_images, "test_images": cfg.eval.num_images, "kind": cfg.model.kind,
+             "base_channels": cfg.model.base_channels, "batch_size": cfg.train.batch_size,
+             "metric": "val/fid (lower is better)", "feature_net": data.featnet_name}
+    return grid, asha, pbt, setup
+
+
+def main() -> None:
+    args = parse_args()
+    grid, asha, pbt, setup = searches(args)
+    tuned = (tuned_vs_default(args) if args.tuned_vs_default else
+             {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
     ran = "best_val_fid" in grid
     result = {
         "ratios": {"asha_best_gap": common.ratio(asha["best_val_fid"] - grid["best_val_fid"], grid["best_val_fid"])
                    if ran else None,
                    "asha_compute_fraction": common.ratio(asha["trial_epochs"], grid.get("trial_epochs")),
-                   "asha_time_fraction": common.ratio(asha["seconds"], grid.get("seconds"))},
+                   "asha_time_fraction": common.ratio(asha["seconds"], grid.get("seconds")),
+                   "pbt_over_asha_fid": common.ratio(pbt.get("best_test_fid"), asha["best_test_fid"]),
+                   "pbt_over_asha_trial_epochs": common.ratio(pbt.get("trial_epochs"), asha["trial_epochs"]),
+                   "tuned_over_default_fid": common.ratio(tuned["tuned"]["fid"]["mean"], tuned["default"]["fid"]["mean"])
+                   if "tuned" in tuned else None},
         "grid": grid, "asha": asha, "asha_found_grid_best": asha["best_overrides"] == grid["best_overrides"] if ran else grid,
-        "setup": {"config": args.config, "overrides": args.overrides, "space": space, "max_epochs": args.max_epochs,
-                  "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-                  "train_limit": args.train_limit, "val_images": args.val_images, "kind": cfg.model.kind,
-                  "base_channels": cfg.model.base_channels, "batch_size": cfg.train.batch_size,
-                  "metric": "val/fid (lower is better)", "feature_net": data.featnet_name},
+        "pbt": pbt, "tuned_vs_default": tuned, "setup": setup,
     }
-    common.print_table([(f"{name} {key}", sweep.get(key, sweep.get("skipped"))) for name, sweep in (("grid", grid), ("asha", asha))
-                        for key in ("best_val_fid", "trial_epochs", "seconds")] + list(result["ratios"].items()))
+    common.print_table([(f"{name} {key}", sweep.get(key, sweep.get("skipped")))
+                        for name, sweep in (("grid", grid), ("asha", asha), ("pbt", pbt))
+                        for key in ("best_val_fid", "best_test_fid", "trial_epochs", "seconds")]
+                       + list(result["ratios"].items()))
     common.write_result(args.out, result)
 
 

@@ -108,8 +108,9 @@ def test_sweep_quick(tmp_path, work_dir, shared_ray):
     asha = result["asha"]
     assert asha["trials"] == 1  # --quick: one point, the layout's check
     assert asha["trial_epochs"] == result["setup"]["max_epochs"] == 2  # ASHA never stops the only trial of a rung
-    assert positive(asha["best_val_fid"]) and positive(asha["seconds"])
+    assert positive(asha["best_val_fid"]) and positive(asha["best_test_fid"]) and positive(asha["seconds"])
     assert result["grid"] == result["asha_found_grid_best"] == {"skipped": "--quick"}  # it would rerun that trial
+    assert result["pbt"] == result["tuned_vs_default"] == {"skipped": "--quick"}  # each trains for minutes
     assert set(result["ratios"].values()) == {None}
 
 

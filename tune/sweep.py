@@ -30,7 +30,7 @@ from .search import EPOCH, make_scheduler, make_search
 from .space import left_as_given, search_space
 from .trial import make_trial
 
-PBT_CHECKPOINT = "pbt_checkpoint"  # the folder, in the tune step's, of the PBT winner's model for the train step
+BEST_MODEL = "best_model"  # the folder, in the output folder, of the winner's model (PBT: the train step continues it)
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class SweepOutcome:
     trials: int
     trial_epochs: int
     report: list[str]  # file names in the output folder
-    checkpoint: str = ""  # PBT: the folder (in the output folder) of the winner's latest checkpoint
+    checkpoint: str = ""  # PBT or keep_best: the folder (in the output folder) of the winner's latest checkpoint
 
 
 def max_concurrent_trials(cfg: PipelineConfig, resources: dict[str, float], streamed: bool) -> int:
@@ -70,10 +70,11 @@ def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int], featnet: str,
-        out: Path, param_space: dict[str, Any] | None = None) -> SweepOutcome:
+        out: Path, param_space: dict[str, Any] | None = None, keep_best: bool = False) -> SweepOutcome:
     """Run the sweep over the preprocess folder ``data`` (a path or URI, as is ``featnet``); ``param_space``
     replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space`` for a grid, with
-    ``tune.num_samples=1``: each grid point then runs once)."""
+    ``tune.num_samples=1``: each grid point then runs once). ``keep_best`` copies the best trial's latest model
+    into ``out`` (``SweepOutcome.checkpoint``), as PBT always does for the train step to continue."""
     trial_base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **trial_train_keys(cfg)))
     base = dataclasses.asdict(trial_base)
     kept = left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)
@@ -84,8 +85,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
     streamed = not holds_train_split(store.local_view(data) / "split=train", image_shape, cfg.tune.train_limit)
     space = param_space or search_space(cfg.model.kind, leave=tuple(kept))
     pbt = cfg.tune.scheduler == "pbt"
+    keep_best = keep_best or pbt
     trial = make_trial(base, ctx, data, image_shape, featnet, prefix=prefix, train_limit=cfg.tune.train_limit,
-                       keep_checkpoints=pbt)
+                       keep_checkpoints=keep_best)
     storage_fs, storage_path = store.filesystem(store.join(ctx.run_dir, "ray"))
     history = TrialHistory()
     tuner = ray_tune.Tuner(
@@ -123,16 +125,16 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
           flush=True)
     return SweepOutcome(overrides=best.config, left_as_given=kept, best_score=winner[objectives[0]],
                         trials=len(rows), trial_epochs=epochs, report=[p.name for p in report],
-                        checkpoint=keep_model(best, out) if pbt else "")
+                        checkpoint=keep_model(best, out) if keep_best else "")
 
 
 def keep_model(best: ray_tune.Result, out: Path) -> str:
-    """Copy the PBT winner's latest checkpoint (its model at the end of the sweep, trained under the schedule
-    its config ends with) into ``out``; returns the folder's name."""
+    """Copy the winner's latest checkpoint (its model at the end of the sweep; under PBT, trained under the
+    schedule its config ends with) into ``out``; returns the folder's name."""
     if best.checkpoint is None:
-        raise RuntimeError(f"the best PBT trial {best.path} left no checkpoint: {best.error}")
-    folder = out / PBT_CHECKPOINT
+        raise RuntimeError(f"the best trial {best.path} left no checkpoint: {best.error}")
+    folder = out / BEST_MODEL
     folder.mkdir(exist_ok=True)
     with best.checkpoint.as_directory() as source:
         shutil.copy2(Path(source) / CHECKPOINT_NAME, folder / CHECKPOINT_NAME)
-    return PBT_CHECKPOINT
+    return BEST_MODEL

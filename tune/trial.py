@@ -8,12 +8,14 @@ named after the trial and that checkpoint, so that a retry of the same start res
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from ray import tune as ray_tune
+from ray.exceptions import RayActorError
 from ray.train import Checkpoint
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
@@ -65,7 +67,10 @@ def make_trial(base: dict[str, Any], ctx: RunContext, data: str, image_shape: li
             except BaseException as err:  # re-raised in the trial's own thread, where Tune sees it
                 outcome["error"] = err
             finally:
-                reports.queue.put(_END)
+                # When a scheduler stops the trial, Tune removes its placement group, and the queue's actor with
+                # it: the trial is over and nothing reads the queue any more.
+                with contextlib.suppress(RayActorError):
+                    reports.queue.put(_END)
 
         thread = threading.Thread(target=train, name=f"train-{trial_id}", daemon=True)
         thread.start()
