@@ -23,7 +23,7 @@ the lowest validation domain FID (``val/fid``) a trial last reported (Tune's bes
 code; "compute" is trial-epochs (Tune's ``training_iteration`` summed over trials).
 
 Run from the repository root, under the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # ~75 min on 2 cores (tuned_vs_default ~50)
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # with --no-tuned-vs-default: 54 min, 2 cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change).
 """
@@ -168,6 +168,9 @@ def tuned_vs_default(args) -> dict[str, Any]:
     """Sweep once (the first seed), train the winner with every seed of ``--default-from``, and set the test
     FIDs against that file's untuned ``vaegan`` runs (same config, seeds and budget)."""
     default = json.loads(args.default_from.read_text())
+    if "runs" not in default.get("vaegan", {}):
+        raise SystemExit(f"{args.default_from} has no vaegan runs to compare with: give --default-from a "
+                         "benchmarks/quality.py result that trained the VAE-GAN (--kinds vaegan)")
     setup, default_runs = default["setup"], default["vaegan"]["runs"]
     seeds = [run["seed"] for run in default_runs]
     run_args = SimpleNamespace(run_dir=(args.work_dir / "tuned-vs-default").resolve(), overrides=setup["overrides"])
