@@ -25,7 +25,8 @@ code; "compute" is trial-epochs (Tune's ``training_iteration`` summed over trial
 Run from the repository root, under the shared Ray lock:
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # with --no-tuned-vs-default: 54 min, 2 cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
-Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change).
+Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change), and each search's report
+(trials table, per-epoch ``history.csv``, ``trials.png``, PBT's ``pbt.png``) in ``sweep_reports/<search>/`` beside it.
 """
 from __future__ import annotations
 
@@ -100,15 +101,20 @@ def tracking_context(scratch: Path):
 # -- the searches ---------------------------------------------------------------------------------------
 
 
-def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict, out: Path) -> dict[str, Any]:
+def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict, out: Path,
+              reports: Path) -> dict[str, Any]:
     """One sweep through the product's ``tune.sweep.run``; its outcome, its winner's test FID and the per-trial
-    table."""
+    table. The sweep's report (trials table, per-epoch history.csv, trials.png, pbt.png) is kept in
+    ``reports / name``."""
     from tune import sweep
     out.mkdir(parents=True)
     start = time.perf_counter()
     outcome = sweep.run(cfg, replace(ctx, step_key=name), str(data.dir), data.image_shape, data.featnet_path, out,
                         param_space=param_space, keep_best=True)
     seconds = time.perf_counter() - start
+    (reports / name).mkdir(parents=True, exist_ok=True)
+    for report in outcome.report:
+        shutil.copy2(out / report, reports / name / report)
     with open(out / "trials.csv", newline="") as f:
         # The "trial" column holds only the experiment's id prefix, the same for every trial: left out.
         trials = [{k: _number(v) for k, v in row.items() if k != "trial" and (k != "error" or v)}
@@ -226,6 +232,7 @@ def searches(args) -> tuple[dict[str, Any], ...]:
     space = grid_space(cfg.model.kind, keys, args.points)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=args.work_dir)).resolve()
+    reports = args.out.with_name(f"{args.out.stem}_reports")  # benchmarks/results/sweep_reports/<search>/
     try:
         with common.pipeline_ray():
             data = common.prepare_data(cfg, args.work_dir / "data")
@@ -233,11 +240,13 @@ def searches(args) -> tuple[dict[str, Any], ...]:
             # grace_period == max_epochs: one rung at max_t, so no trial stops early (the grid to completion).
             # --quick has one point, which ASHA runs to completion too: the grid would repeat that trial.
             grid = ({"skipped": "--quick"} if args.quick else
-                    run_sweep("grid", with_tune(cfg, args, args.max_epochs), ctx, data, space, scratch / "grid"))
-            asha = run_sweep("asha", with_tune(cfg, args, args.grace_period), ctx, data, space, scratch / "asha")
+                    run_sweep("grid", with_tune(cfg, args, args.max_epochs), ctx, data, space, scratch / "grid",
+                              reports))
+            asha = run_sweep("asha", with_tune(cfg, args, args.grace_period), ctx, data, space, scratch / "asha",
+                             reports)
             if args.pbt:
                 pbt_cfg, pbt_space = pbt_search(cfg, args, keys, asha["trial_epochs"])
-                pbt = run_sweep("pbt", pbt_cfg, ctx, data, pbt_space, scratch / "pbt")
+                pbt = run_sweep("pbt", pbt_cfg, ctx, data, pbt_space, scratch / "pbt", reports)
             else:
                 pbt = {"skipped": "--quick" if args.quick else "--no-pbt"}
     finally:
