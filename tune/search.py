@@ -25,9 +25,9 @@ def make_scheduler(tune_cfg: TuneConfig, space: dict[str, Any]) -> TrialSchedule
     if tune_cfg.scheduler == "asha":
         return ASHAScheduler(metric=metric, mode=OBJECTIVES[metric], max_t=tune_cfg.max_epochs,
                              grace_period=tune_cfg.grace_period, reduction_factor=tune_cfg.reduction_factor)
-    # Synchronous, so that a seed gives one history. Measured on 2 slots (docs/benchmarks.md, section 4): a
-    # population larger than the trials that fit at once ran in waves that exploited only within themselves,
-    # so size it to the trials that fit.
+    # Synchronous, so that a seed gives one history. It waits only for live trials, and the search creates no
+    # more trials than fit at once (make_search's max_concurrent), so a larger population runs in waves that
+    # exploit only within themselves (measured: docs/benchmarks.md, section 4): size it to the trials that fit.
     return PopulationBasedTraining(time_attr=EPOCH, metric=metric, mode=OBJECTIVES[metric],
                                    perturbation_interval=tune_cfg.perturbation_interval,
                                    hyperparam_mutations=mutations(space), synch=True)
