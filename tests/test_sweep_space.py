@@ -62,6 +62,12 @@ def test_trials_at_once_fit_the_cluster(overrides, resources, streamed, expected
     assert max_concurrent_trials(load_config(SMOKE, overrides), resources, streamed) == expected
 
 
+def test_a_pbt_population_larger_than_fits_is_warned_about_with_the_keys_that_fix_it():
+    from tune.sweep import waves_warning
+    warning = waves_warning(6, 2)
+    assert "tune.num_samples=6" in warning and "waves of 2" in warning and "at most 2" in warning
+
+
 def test_trials_train_with_their_own_epochs_and_cpus():
     from tune.sweep import trial_train_keys
     assert trial_train_keys(load_config(SMOKE, ["tune.max_epochs=3"])) == {"epochs": 3}  # train.cpus_per_worker's

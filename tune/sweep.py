@@ -58,6 +58,16 @@ def max_concurrent_trials(cfg: PipelineConfig, resources: dict[str, float], stre
     return max(1, min(fit, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else fit)
 
 
+def waves_warning(population: int, fit: int) -> str:
+    """What a PBT population larger than the trials that fit at once costs (measured: docs/benchmarks.md,
+    section 4), and the keys that avoid it."""
+    return (f"tune.num_samples={population} PBT trials, but {fit} fit at once here: the population runs in waves "
+            f"of {fit} that take over checkpoints only within their wave, and the later waves pause and restart "
+            f"their Train run after every epoch (docs/benchmarks.md, section 4); set tune.num_samples to at most {fit}, "
+            "or give the sweep more CPUs (fewer train.num_workers x tune.cpus_per_worker per trial, or a bigger "
+            "cluster)")
+
+
 def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
     """The train keys a trial sets: its epoch budget, its workers' CPUs when ``tune.cpus_per_worker`` is set,
     and under PBT a checkpoint every epoch (the ones PBT's interval lands on must exist)."""
@@ -85,6 +95,9 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
     streamed = not holds_train_split(store.local_view(data) / "split=train", image_shape, cfg.tune.train_limit)
     space = param_space or search_space(cfg.model.kind, leave=tuple(kept))
     pbt = cfg.tune.scheduler == "pbt"
+    fit = max_concurrent_trials(trial_base, ray.cluster_resources(), streamed)
+    if pbt and cfg.tune.num_samples > fit:
+        print(f"[tune] warning: {waves_warning(cfg.tune.num_samples, fit)}", flush=True)
     keep_best = keep_best or pbt
     trial = make_trial(base, ctx, data, image_shape, featnet, prefix=prefix, train_limit=cfg.tune.train_limit,
                        keep_checkpoints=keep_best)
@@ -97,7 +110,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
         param_space=space,
         tune_config=ray_tune.TuneConfig(
             num_samples=cfg.tune.num_samples, scheduler=make_scheduler(cfg.tune, space),
-            search_alg=make_search(cfg.tune, max_concurrent_trials(trial_base, ray.cluster_resources(), streamed))),
+            search_alg=make_search(cfg.tune, fit)),
         run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=storage_path,
                                       storage_filesystem=storage_fs, verbose=1, callbacks=[history],
                                       # PBT's last epoch ends the trial before PBT sees it: a take-over then
