@@ -77,13 +77,19 @@ def make_trial(base: dict[str, Any], ctx: RunContext, data: str, image_shape: li
         while (item := next_report(reports.queue, thread)) != _END:
             metrics, checkpoint = item
             ray_tune.report({**metrics, **params, **first},
-                            checkpoint=checkpoint if keep_checkpoints else None)
+                            checkpoint=tune_checkpoint(checkpoint) if keep_checkpoints else None)
             first = {}
         thread.join()
         if "error" in outcome:
             raise outcome["error"]
 
     return trial
+
+
+def tune_checkpoint(checkpoint: Checkpoint | None) -> ray_tune.Checkpoint | None:
+    """The Train run's checkpoint as the class Tune's report takes (the same files: Tune keeps them as the
+    trial's own)."""
+    return checkpoint and ray_tune.Checkpoint(checkpoint.path, filesystem=checkpoint.filesystem)
 
 
 def next_report(queue: Queue, thread: threading.Thread) -> Any:
