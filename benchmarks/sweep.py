@@ -23,7 +23,7 @@ the lowest validation domain FID (``val/fid``) a trial last reported (Tune's bes
 code; "compute" is trial-epochs (Tune's ``training_iteration`` summed over trials).
 
 Run from the repository root, under the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # with --no-tuned-vs-default: 54 min, 2 cores
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 2 h 28 min on 2 AMD cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change), and each search's report
 (trials table, per-epoch ``history.csv``, ``trials.png``, PBT's ``pbt.png``) in ``sweep_reports/<search>/`` beside it.
