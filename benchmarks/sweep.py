@@ -228,8 +228,8 @@ def searches(args) -> tuple[dict[str, Any], ...]:
                                                     *args.overrides])
     # 27 points x 8 epochs by default: asynchronous successive halving pays only when there are rungs to stop
     # trials at and many trials to stop. ASHA promotes every trial that beats the half of those before it at a
-    # rung, so the first few trials always pass: with 8 points it spent 70% of the grid (16 epochs, grace 2) and
-    # 81% (4 x 4); simulated on those 8 points' histories, 27 points bring it to about 40% (docs/benchmarks.md).
+    # rung, so the first trials, and every new best in a grid whose best points come last, always pass: 70% of
+    # the grid at 8 points x 16 epochs, 52% at 27 x 8 (docs/benchmarks.md, section 4, says why).
     keys = args.keys or GRID_KEYS[cfg.model.kind]
     space = grid_space(cfg.model.kind, keys, args.points)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +264,7 @@ def searches(args) -> tuple[dict[str, Any], ...]:
 
 def main() -> None:
     args = parse_args()
-    # First: the longest part, and the one a bad --default-from stops, fails before the searches spend an hour.
+    # First, so that a bad --default-from, or any failure of this longest part, stops the run before the searches.
     tuned = (tuned_vs_default(args) if args.tuned_vs_default else
              {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
     grid, asha, pbt, setup = searches(args)
