@@ -1,11 +1,15 @@
 """What a sweep costs and what it buys: ASHA vs a grid run to completion, PBT vs ASHA at equal trial-epochs,
 and the main job's sweep against the untuned default config.
 
-  grid  ``tune.space.grid_space``: ``--points`` values of each of ``--keys`` (default: the kind's three
-        ``GRID_KEYS``, 3 x 3 x 3 = 27 points), every point trained for ``--max-epochs`` (default 8). It goes through ``tune.sweep.run``
-        with ``tune.grace_period = max_epochs``: ASHA then has a single rung, at max_t, and stops no
-        trial early, so this is the grid run to completion with everything else identical.
-  asha  the same points through ``tune.sweep.run`` with ASHA (``--grace-period``, ``--reduction-factor``).
+  grid  ``tune.space.grid_points``: ``--points`` values of each of ``--keys`` (default: the kind's three
+        ``GRID_KEYS``, 3 x 3 x 3 = 27 points) in an order shuffled by the config's ``tune.seed``, every point
+        trained for ``--max-epochs`` (default 8). It goes through ``tune.sweep.run`` with
+        ``tune.grace_period = max_epochs``: ASHA then has a single rung, at max_t, and stops no trial early, so
+        this is the grid run to completion with everything else identical.
+  asha  the same points, in the same order, through ``tune.sweep.run`` with ASHA (``--grace-period``,
+        ``--reduction-factor``). ``asha_replay`` then replays Ray's ASHA rule over the grid's per-epoch
+        history: in this run's order (a check of the replay against the real ASHA), in the grid's product order,
+        and in ``--replay-orders`` random orders, so that one run's order is not the whole story.
   pbt   ``tune.scheduler=pbt`` over the same keys' ranges (``tune.space.search_space``), a population of
         round(ASHA's trial-epochs / max_epochs) trials run for max_epochs, perturbed every
         ``--perturbation-interval`` epochs: the same compute as ASHA, spent on a population that exploits its
@@ -25,6 +29,8 @@ code; "compute" is trial-epochs (Tune's ``training_iteration`` summed over trial
 Run from the repository root, under the shared Ray lock:
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py            # 2 h 28 min on 2 AMD cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/sweep.py --quick    # smoke nets and data, 1 point, ASHA only
+``--reuse grid,tuned_vs_default`` keeps those parts of the result file being replaced (same setup, checked)
+and runs the rest: the searches that changed, without the hour the grid and the tuned runs take.
 Results: benchmarks/results/sweep.json (--quick: sweep_quick.json; --out to change), and each search's report
 (trials table, per-epoch ``history.csv``, ``trials.png``, PBT's ``pbt.png``) in ``sweep_reports/<search>/`` beside it.
 """
@@ -45,6 +51,10 @@ import common
 import quality
 
 MAIN_JOB_CONFIG = "pipelines/configs/default.yaml"
+REUSABLE = ("grid", "tuned_vs_default")  # the parts --reuse can keep (the others depend on ASHA's run)
+# The setup keys a reused grid must share with this run (its point order may differ: every grid point runs).
+GRID_SETUP = ("config", "overrides", "max_epochs", "train_limit", "val_images", "test_images", "kind",
+              "base_channels", "batch_size", "metric", "feature_net")
 
 
 def parse_args():
@@ -71,6 +81,9 @@ def parse_args():
                                                                                       "yes; --quick: no)")
     p.add_argument("--tuned-vs-default", action=argparse.BooleanOptionalAction, default=None,
                    help="run the main job's sweep against the untuned default (default: yes; --quick: no)")
+    p.add_argument("--reuse", default="", help=f"comma-separated parts ({', '.join(REUSABLE)}) to keep from the "
+                                                "existing --out file instead of running them again")
+    p.add_argument("--replay-orders", type=int, default=1000, help="random orders asha_replay replays (default 1000)")
     p.add_argument("--default-from", type=Path, default=common.RESULTS / "quality.json",
                    help="the quality benchmark result whose vaegan runs are the untuned default (default "
                         "benchmarks/results/quality.json)")
@@ -85,6 +98,10 @@ def parse_args():
     args.pbt = (not args.quick) if args.pbt is None else args.pbt
     args.tuned_vs_default = (not args.quick) if args.tuned_vs_default is None else args.tuned_vs_default
     args.out = common.result_path(args, "sweep")
+    args.reuse = tuple(part for part in args.reuse.split(",") if part)
+    unknown = [part for part in args.reuse if part not in REUSABLE]
+    if unknown:
+        p.error(f"--reuse {','.join(unknown)}: allowed: {', '.join(REUSABLE)}")
     return args
 
 
@@ -102,7 +119,7 @@ def tracking_context(scratch: Path):
 
 
 def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict, out: Path,
-              reports: Path) -> dict[str, Any]:
+              reports: Path, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One sweep through the product's ``tune.sweep.run``; its outcome, its winner's test FID and the per-trial
     table. The sweep's report (trials table, per-epoch history.csv, trials.png, pbt.png) is kept in
     ``reports / name``."""
@@ -110,7 +127,7 @@ def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict,
     out.mkdir(parents=True)
     start = time.perf_counter()
     outcome = sweep.run(cfg, replace(ctx, step_key=name), str(data.dir), data.image_shape, data.featnet_path, out,
-                        param_space=param_space, keep_best=True)
+                        param_space=param_space, points=points, keep_best=True)
     seconds = time.perf_counter() - start
     (reports / name).mkdir(parents=True, exist_ok=True)
     for report in outcome.report:
@@ -122,7 +139,7 @@ def run_sweep(name: str, cfg, ctx, data: common.PreparedData, param_space: dict,
     return {"best_val_fid": round(outcome.best_score, 4),
             "best_test_fid": round(score_test_fid(cfg, data, out / outcome.checkpoint), 4),
             "best_overrides": outcome.overrides, "trial_epochs": outcome.trial_epochs, "trials": outcome.trials,
-            "seconds": round(seconds, 1), "per_trial": trials}
+            "concurrent_trials": outcome.concurrent_trials, "seconds": round(seconds, 1), "per_trial": trials}
 
 
 def score_test_fid(cfg, data: common.PreparedData, model_dir: Path) -> float:
@@ -145,18 +162,23 @@ def _number(text: str) -> Any:
 
 
 def with_tune(cfg, args, grace_period: int, **tune_keys):
+    """``cfg`` with the search's ``tune`` keys: one trial per sample, each at most ``--max-epochs``."""
     return replace(cfg, tune=replace(cfg.tune, **{"num_samples": 1, "max_epochs": args.max_epochs,
                                                   "grace_period": grace_period, "reduction_factor": args.reduction_factor,
                                                   "train_limit": args.train_limit, **tune_keys}))
 
 
-def pbt_search(cfg, args, keys: tuple[str, ...], asha_trial_epochs: int) -> tuple[Any, dict[str, Any]]:
-    """PBT's config and space: a population spending ASHA's trial-epochs, over ``keys``' search ranges."""
+def keys_space(kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The search ranges of ``keys`` alone: every other key keeps its config value."""
     from tune.space import search_space, searchable_keys
+    return search_space(kind, leave=tuple(k for k in searchable_keys(kind) if k not in keys))
+
+
+def pbt_config(cfg, args, asha_trial_epochs: int):
+    """PBT's config: a population spending ASHA's trial-epochs."""
     population = max(2, round(asha_trial_epochs / args.max_epochs))
-    space = search_space(cfg.model.kind, leave=tuple(k for k in searchable_keys(cfg.model.kind) if k not in keys))
     return with_tune(cfg, args, args.max_epochs, scheduler="pbt", num_samples=population,
-                     perturbation_interval=args.perturbation_interval), space
+                     perturbation_interval=args.perturbation_interval)
 
 
 # -- the main job's sweep against the untuned default ---------------------------------------------------
@@ -220,18 +242,20 @@ def sweep_figures(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
 # -- the run --------------------------------------------------------------------------------------------
 
 
-def searches(args) -> tuple[dict[str, Any], ...]:
-    """The grid, ASHA and PBT blocks and the setup, on a Ray of their own and a scratch folder."""
-    from tune.space import GRID_KEYS, grid_space
+def searches(args, reused: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The grid (or ``reused``'s), ASHA and PBT blocks, ASHA's replay and the setup, on a Ray of their own and a
+    scratch folder."""
+    from tune.space import GRID_KEYS, grid_points
     cfg = common.load_pipeline_config(args.config, ["train.patience=0", f"train.val_images={args.val_images}",
                                                     *([f"eval.num_images={args.test_images}"] if args.test_images else []),
                                                     *args.overrides])
     # 27 points x 8 epochs by default: asynchronous successive halving pays only when there are rungs to stop
     # trials at and many trials to stop. ASHA promotes every trial that beats the half of those before it at a
-    # rung, so the first trials, and every new best in a grid whose best points come last, always pass: 70% of
-    # the grid at 8 points x 16 epochs, 52% at 27 x 8 (docs/benchmarks.md, section 4, says why).
+    # rung, so the first trials always pass, and so does every new best: the points arrive shuffled
+    # (grid_points), as random draws do (docs/benchmarks.md, section 4, measures the orders).
     keys = args.keys or GRID_KEYS[cfg.model.kind]
-    space = grid_space(cfg.model.kind, keys, args.points)
+    points = grid_points(cfg.model.kind, keys, args.points, seed=cfg.tune.seed)
+    space = keys_space(cfg.model.kind, keys)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="sweep-", dir=args.work_dir)).resolve()
     reports = args.out.with_name(f"{args.out.stem}_reports")  # benchmarks/results/sweep_reports/<search>/
@@ -239,47 +263,106 @@ def searches(args) -> tuple[dict[str, Any], ...]:
         with common.pipeline_ray():
             data = common.prepare_data(cfg, args.work_dir / "data")
             ctx = tracking_context(scratch)
+            setup = {"config": args.config, "overrides": args.overrides, "grid_keys": list(keys),
+                     "grid_points": points, "grid_order_seed": cfg.tune.seed, "max_epochs": args.max_epochs,
+                     "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+                     "perturbation_interval": args.perturbation_interval, "train_limit": args.train_limit,
+                     "val_images": args.val_images, "test_images": cfg.eval.num_images, "kind": cfg.model.kind,
+                     "base_channels": cfg.model.base_channels, "batch_size": cfg.train.batch_size,
+                     "metric": "val/fid (lower is better)", "feature_net": data.featnet_name}
             # grace_period == max_epochs: one rung at max_t, so no trial stops early (the grid to completion).
             # --quick has one point, which ASHA runs to completion too: the grid would repeat that trial.
-            grid = ({"skipped": "--quick"} if args.quick else
-                    run_sweep("grid", with_tune(cfg, args, args.max_epochs), ctx, data, space, scratch / "grid",
-                              reports))
-            asha = run_sweep("asha", with_tune(cfg, args, args.grace_period), ctx, data, space, scratch / "asha",
-                             reports)
+            if args.quick:
+                grid = {"skipped": "--quick"}
+            elif "grid" in reused:
+                grid = reused_grid(reused, setup, keys)
+            else:
+                grid = run_sweep("grid", with_tune(cfg, args, args.max_epochs, num_samples=len(points)), ctx, data,
+                                 space, scratch / "grid", reports, points)
+            asha = run_sweep("asha", with_tune(cfg, args, args.grace_period, num_samples=len(points)), ctx, data,
+                             space, scratch / "asha", reports, points)
             if args.pbt:
-                pbt_cfg, pbt_space = pbt_search(cfg, args, keys, asha["trial_epochs"])
-                pbt = run_sweep("pbt", pbt_cfg, ctx, data, pbt_space, scratch / "pbt", reports)
+                pbt = run_sweep("pbt", pbt_config(cfg, args, asha["trial_epochs"]), ctx, data, space,
+                                scratch / "pbt", reports)
             else:
                 pbt = {"skipped": "--quick" if args.quick else "--no-pbt"}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    setup = {"config": args.config, "overrides": args.overrides, "space": space, "max_epochs": args.max_epochs,
-             "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-             "perturbation_interval": args.perturbation_interval, "train_limit": args.train_limit,
-             "val_images": args.val_images, "test_images": cfg.eval.num_images, "kind": cfg.model.kind,
-             "base_channels": cfg.model.base_channels, "batch_size": cfg.train.batch_size,
-             "metric": "val/fid (lower is better)", "feature_net": data.featnet_name}
-    return grid, asha, pbt, setup
+    replayed = {"skipped": "--quick"} if args.quick else replay_asha(args, reports / "grid" / "history.csv", keys,
+                                                                      points, asha["concurrent_trials"])
+    return grid, asha, replayed, pbt, setup
+
+
+def reused_grid(reused: dict[str, Any], setup: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The earlier result's grid, once its setup and points are this run's (in any order: every point ran)."""
+    from pipelines.config import flatten
+    earlier = reused["setup"]
+    differ = [key for key in GRID_SETUP if earlier.get(key) != setup[key]]
+    ran = sorted(tuple(row[key] for key in keys) for row in reused["grid"]["per_trial"])
+    wanted = sorted(tuple(flatten(point)[key] for key in keys) for point in setup["grid_points"])
+    if differ or ran != wanted:
+        raise SystemExit(f"--reuse grid: the grid in the existing result was run with another setup "
+                         f"({', '.join(differ) or 'its points'} differ): run it again (drop grid from --reuse)")
+    return reused["grid"]
+
+
+def replay_asha(args, history_csv: Path, keys: tuple[str, ...], points: list[dict[str, Any]],
+                slots: int) -> dict[str, Any]:
+    """Ray's ASHA rule replayed over the grid's history in this run's order, the grid's product order and
+    ``--replay-orders`` random ones (``asha_replay``)."""
+    import itertools
+
+    import asha_replay
+    from pipelines.config import flatten
+    histories = asha_replay.read_histories(history_csv, keys, "val/fid")
+    this_order = [tuple(flatten(point)[key] for key in keys) for point in points]
+    product_order = list(itertools.product(*(sorted({point[i] for point in this_order}) for i in range(len(keys)))))
+    return asha_replay.summary(histories, {"this_order": this_order, "product_order": product_order},
+                               args.replay_orders, seed=0, max_t=args.max_epochs, grace_period=args.grace_period,
+                               reduction_factor=args.reduction_factor, slots=slots)
+
+
+def reusable(args) -> dict[str, Any]:
+    """The parts of the existing result that ``--reuse`` keeps (with its setup, to check), each marked with the
+    command that measured it."""
+    if not args.reuse:
+        return {}
+    if not args.out.is_file():
+        raise SystemExit(f"--reuse {','.join(args.reuse)}: {args.out} does not exist; run those parts")
+    earlier = json.loads(args.out.read_text())
+    kept = {}
+    for part in args.reuse:
+        block = earlier.get(part, {})
+        if "skipped" in block or not block:
+            raise SystemExit(f"--reuse {part}: {args.out} has no {part} to keep ({block.get('skipped', 'absent')})")
+        kept[part] = {**block, "measured_by": block.get("measured_by", earlier["command"])}
+    return {**kept, "setup": earlier["setup"]}
 
 
 def main() -> None:
     args = parse_args()
+    reused = reusable(args)
     # First, so that a bad --default-from, or any failure of this longest part, stops the run before the searches.
-    tuned = (tuned_vs_default(args) if args.tuned_vs_default else
-             {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
-    grid, asha, pbt, setup = searches(args)
+    if "tuned_vs_default" in reused:
+        tuned = reused["tuned_vs_default"]
+    else:
+        tuned = (tuned_vs_default(args) if args.tuned_vs_default else
+                 {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
+    grid, asha, replayed, pbt, setup = searches(args, reused)
     ran = "best_val_fid" in grid
     result = {
         "ratios": {"asha_best_gap": common.ratio(asha["best_val_fid"] - grid["best_val_fid"], grid["best_val_fid"])
                    if ran else None,
                    "asha_compute_fraction": common.ratio(asha["trial_epochs"], grid.get("trial_epochs")),
-                   "asha_time_fraction": common.ratio(asha["seconds"], grid.get("seconds")),
+                   # Seconds compare only within one run: a reused grid's were measured by another.
+                   "asha_time_fraction": None if "measured_by" in grid else common.ratio(asha["seconds"],
+                                                                                          grid.get("seconds")),
                    "pbt_over_asha_fid": common.ratio(pbt.get("best_test_fid"), asha["best_test_fid"]),
                    "pbt_over_asha_trial_epochs": common.ratio(pbt.get("trial_epochs"), asha["trial_epochs"]),
                    "tuned_over_default_fid": common.ratio(tuned["tuned"]["fid"]["mean"], tuned["default"]["fid"]["mean"])
                    if "tuned" in tuned else None},
         "grid": grid, "asha": asha, "asha_found_grid_best": asha["best_overrides"] == grid["best_overrides"] if ran else grid,
-        "pbt": pbt, "tuned_vs_default": tuned, "setup": setup,
+        "asha_replay": replayed, "pbt": pbt, "tuned_vs_default": tuned, "setup": setup,
     }
     common.print_table([(f"{name} {key}", sweep.get(key, sweep.get("skipped")))
                         for name, sweep in (("grid", grid), ("asha", asha), ("pbt", pbt))

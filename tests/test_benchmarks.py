@@ -110,8 +110,21 @@ def test_sweep_quick(tmp_path, work_dir, shared_ray):
     assert asha["trial_epochs"] == result["setup"]["max_epochs"] == 2  # ASHA never stops the only trial of a rung
     assert positive(asha["best_val_fid"]) and positive(asha["best_test_fid"]) and positive(asha["seconds"])
     assert result["grid"] == result["asha_found_grid_best"] == {"skipped": "--quick"}  # it would rerun that trial
-    assert result["pbt"] == result["tuned_vs_default"] == {"skipped": "--quick"}  # each trains for minutes
+    assert result["pbt"] == result["tuned_vs_default"] == result["asha_replay"] == {"skipped": "--quick"}
     assert set(result["ratios"].values()) == {None}
+
+
+def test_asha_replay_spends_every_epoch_when_each_trial_is_a_new_best_and_stops_the_rest_when_the_best_comes_first():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import asha_replay
+    # Four trials of four 1-second epochs; trial i scores 10 - i at every epoch (lower is better).
+    histories = {i: [(1.0, 10.0 - i)] * 4 for i in range(4)}
+    asha = {"max_t": 4, "grace_period": 1, "reduction_factor": 2, "slots": 1}
+    assert asha_replay.replay(histories, [0, 1, 2, 3], **asha) == (16, 7.0)  # each beats all before it
+    assert asha_replay.replay(histories, [3, 2, 1, 0], **asha) == (4 + 1 + 1 + 1, 7.0)  # stopped at the first rung
+    figures = asha_replay.summary(histories, {"worst": [0, 1, 2, 3]}, random_orders=50, seed=0, **asha)
+    assert figures["worst"] == {"compute_fraction": 1.0, "best_gap": 0.0}
+    assert 7 / 16 <= figures["random_orders"]["compute_fraction"]["mean"] < 1.0
 
 
 def test_quality_quick(tmp_path, work_dir, shared_ray):

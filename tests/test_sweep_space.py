@@ -6,7 +6,7 @@ from pipelines.config import CONFIG_DIR, load_config
 from pipelines.steps import tune as tune_step
 from tune.objectives import pareto_front, pick
 from tune.search import mutations
-from tune.space import left_as_given, search_space, searchable_keys
+from tune.space import grid_points, left_as_given, search_space, searchable_keys
 from vaegan.config import ConfigError
 
 SMOKE = CONFIG_DIR / "smoke.yaml"
@@ -106,3 +106,13 @@ def test_pbt_moves_a_choice_between_its_categories_and_scales_or_resamples_a_ran
     moves = mutations(space)
     assert moves["loss"]["r1_weight"] == [0.0, 1.0, 10.0]
     assert moves["opt_dec"]["lr"] is space["opt_dec"]["lr"]
+
+
+def test_a_grid_holds_every_combination_once_in_an_order_its_seed_fixes():
+    grid = grid_points("vaegan", ("loss.gamma", "opt_dec.lr"), points=3, seed=0)
+    combinations = [(point["loss"]["gamma"], point["opt_dec"]["lr"]) for point in grid]
+    assert len(set(combinations)) == len(combinations) == 9
+    assert grid == grid_points("vaegan", ("loss.gamma", "opt_dec.lr"), points=3, seed=0)
+    other = grid_points("vaegan", ("loss.gamma", "opt_dec.lr"), points=3, seed=1)
+    assert other != grid and sorted(map(str, other)) == sorted(map(str, grid))
+    assert combinations != sorted(combinations)  # not the product order, whose best decoder rates come last

@@ -41,11 +41,15 @@ def mutations(space: dict[str, Any]) -> dict[str, Any]:
             for key, value in space.items()}
 
 
-def make_search(tune_cfg: TuneConfig, max_concurrent: int) -> Searcher | ray_tune.search.BasicVariantGenerator:
+def make_search(tune_cfg: TuneConfig, max_concurrent: int,
+                points: list[dict[str, Any]] | None = None) -> Searcher | ray_tune.search.BasicVariantGenerator:
     """Random draws (Tune's variant generator) or Optuna's TPE sampler over every objective, at most
-    ``max_concurrent`` trials at once."""
+    ``max_concurrent`` trials at once; random search starts with ``points`` (nested overrides) in their order."""
     if tune_cfg.search == "random":
-        return ray_tune.search.BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=max_concurrent)
+        return ray_tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=tune_cfg.seed,
+                                                     max_concurrent=max_concurrent)
+    if points:
+        raise ValueError("sweep points (e.g. a grid's) need tune.search=random; Optuna proposes its own")
     import optuna
     from ray.tune.search.optuna import OptunaSearch
     objectives = tune_cfg.objectives

@@ -43,6 +43,7 @@ class SweepOutcome:
     trials: int
     trial_epochs: int
     report: list[str]  # file names in the output folder
+    concurrent_trials: int  # the trials that ran at once (``max_concurrent_trials``)
     checkpoint: str = ""  # PBT or keep_best: the folder (in the output folder) of the winner's latest checkpoint
 
 
@@ -80,11 +81,13 @@ def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
 
 
 def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int], featnet: str,
-        out: Path, param_space: dict[str, Any] | None = None, keep_best: bool = False) -> SweepOutcome:
+        out: Path, param_space: dict[str, Any] | None = None, points: list[dict[str, Any]] | None = None,
+        keep_best: bool = False) -> SweepOutcome:
     """Run the sweep over the preprocess folder ``data`` (a path or URI, as is ``featnet``); ``param_space``
-    replaces ``search_space(cfg.model.kind)`` (e.g. ``tune.space.grid_space`` for a grid, with
-    ``tune.num_samples=1``: each grid point then runs once). ``keep_best`` copies the best trial's latest model
-    into ``out`` (``SweepOutcome.checkpoint``), as PBT always does for the train step to continue."""
+    replaces ``search_space(cfg.model.kind)``, and ``points`` (nested overrides, e.g. ``tune.space.grid_points``)
+    are the first trials, in their order: a grid is its points with ``tune.num_samples`` = their number.
+    ``keep_best`` copies the best trial's latest model into ``out`` (``SweepOutcome.checkpoint``), as PBT always
+    does for the train step to continue."""
     trial_base = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **trial_train_keys(cfg)))
     base = dataclasses.asdict(trial_base)
     kept = left_as_given(cfg.model.kind, cfg.given_keys, cfg.tune.search_keys)
@@ -110,7 +113,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
         param_space=space,
         tune_config=ray_tune.TuneConfig(
             num_samples=cfg.tune.num_samples, scheduler=make_scheduler(cfg.tune, space),
-            search_alg=make_search(cfg.tune, fit)),
+            search_alg=make_search(cfg.tune, fit, points)),
         run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=storage_path,
                                       storage_filesystem=storage_fs, verbose=1, callbacks=[history],
                                       # PBT's last epoch ends the trial before PBT sees it: a take-over then
@@ -138,7 +141,7 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
           flush=True)
     return SweepOutcome(overrides=best.config, left_as_given=kept, best_score=winner[objectives[0]],
                         trials=len(rows), trial_epochs=epochs, report=[p.name for p in report],
-                        checkpoint=keep_model(best, out) if keep_best else "")
+                        concurrent_trials=fit, checkpoint=keep_model(best, out) if keep_best else "")
 
 
 def keep_model(best: ray_tune.Result, out: Path) -> str:

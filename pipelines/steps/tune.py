@@ -40,6 +40,7 @@ class Outputs(StepOutputs):
     trials: int = 0
     trial_epochs: int = 0
     report: list[str] = dataclasses.field(default_factory=list)
+    concurrent_trials: int = 0  # the trials that ran at once
     checkpoint: str = ""  # PBT: the folder (in this step's) of the winner's model, which the train step continues
 
 
