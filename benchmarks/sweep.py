@@ -1,5 +1,5 @@
-"""What a sweep costs and what it buys: ASHA vs a grid run to completion, PBT vs ASHA at equal trial-epochs,
-and the main job's sweep against the untuned default config.
+"""What a sweep costs and what it buys: ASHA and synchronous successive halving vs a grid run to completion,
+PBT vs ASHA at equal trial-epochs, and the main job's sweep against the untuned default config.
 
   grid  ``tune.space.grid_points``: ``--points`` values of each of ``--keys`` (default: the kind's three
         ``GRID_KEYS``, 3 x 3 x 3 = 27 points) in an order shuffled by the config's ``tune.seed``, every point
@@ -10,6 +10,9 @@ and the main job's sweep against the untuned default config.
         ``--reduction-factor``). ``asha_replay`` then replays Ray's ASHA rule over the grid's per-epoch
         history: in this run's order (a check of the replay against the real ASHA), in the grid's product order,
         and in ``--replay-orders`` random orders, so that one run's order is not the whole story.
+  sha   the same points through ``tune.sweep.run`` with ``tune.scheduler=sha`` (synchronous successive halving,
+        the same rungs): every trial pauses at a rung until all have reached it, so its cost is the same in any
+        order.
   pbt   ``tune.scheduler=pbt`` over the same keys' ranges (``tune.space.search_space``), a population of
         round(ASHA's trial-epochs / max_epochs) trials run for max_epochs, perturbed every
         ``--perturbation-interval`` epochs: the same compute as ASHA, spent on a population that exploits its
@@ -20,7 +23,7 @@ and the main job's sweep against the untuned default config.
         seeds, against the untuned default: the ``vaegan`` runs of ``--default-from`` (quality.json: the same
         config, seeds and 5-epoch budget with the sweep off). Test domain FID of the registered models.
 
-Each grid, ASHA and PBT trial is a real Ray Train run (``pipelines.training.fit``) of the config with the point's
+Each grid, ASHA, SHA and PBT trial is a real Ray Train run (``pipelines.training.fit``) of the config with the point's
 overrides and the same seed, so a point trains alike in the grid and ASHA; only ASHA's stopping differs. "best" is
 the lowest validation domain FID (``val/fid``) a trial last reported (Tune's best result, as the tune step uses);
 "best_test_fid" scores that trial's last model on the test split (``--test-images``) with the evaluate step's
@@ -243,8 +246,8 @@ def sweep_figures(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def searches(args, reused: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    """The grid (or ``reused``'s), ASHA and PBT blocks, ASHA's replay and the setup, on a Ray of their own and a
-    scratch folder."""
+    """The grid (or ``reused``'s), ASHA, SHA and PBT blocks, ASHA's replay and the setup, on a Ray of their own
+    and a scratch folder."""
     from tune.space import GRID_KEYS, grid_points
     cfg = common.load_pipeline_config(args.config, ["train.patience=0", f"train.val_images={args.val_images}",
                                                     *([f"eval.num_images={args.test_images}"] if args.test_images else []),
@@ -281,6 +284,10 @@ def searches(args, reused: dict[str, Any]) -> tuple[dict[str, Any], ...]:
                                  space, scratch / "grid", reports, points)
             asha = run_sweep("asha", with_tune(cfg, args, args.grace_period, num_samples=len(points)), ctx, data,
                              space, scratch / "asha", reports, points)
+            # --quick: tests/test_sweeps.py runs SHA through the CLI; one point would only pause and resume.
+            sha = ({"skipped": "--quick"} if args.quick else
+                   run_sweep("sha", with_tune(cfg, args, args.grace_period, num_samples=len(points), scheduler="sha"),
+                             ctx, data, space, scratch / "sha", reports, points))
             if args.pbt:
                 pbt = run_sweep("pbt", pbt_config(cfg, args, asha["trial_epochs"]), ctx, data, space,
                                 scratch / "pbt", reports)
@@ -290,7 +297,7 @@ def searches(args, reused: dict[str, Any]) -> tuple[dict[str, Any], ...]:
         shutil.rmtree(scratch, ignore_errors=True)
     replayed = {"skipped": "--quick"} if args.quick else replay_asha(args, reports / "grid" / "history.csv", keys,
                                                                       points, asha["concurrent_trials"])
-    return grid, asha, replayed, pbt, setup
+    return grid, asha, sha, replayed, pbt, setup
 
 
 def reused_grid(reused: dict[str, Any], setup: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -339,6 +346,17 @@ def reusable(args) -> dict[str, Any]:
     return {**kept, "setup": earlier["setup"]}
 
 
+def against_grid(name: str, search: dict[str, Any], grid: dict[str, Any]) -> dict[str, float | None]:
+    """``name``'s best val FID gap to the grid's, and its share of the grid's trial-epochs and seconds."""
+    ran = "best_val_fid" in grid and "best_val_fid" in search
+    return {f"{name}_best_gap": common.ratio(search["best_val_fid"] - grid["best_val_fid"], grid["best_val_fid"])
+            if ran else None,
+            f"{name}_compute_fraction": common.ratio(search.get("trial_epochs"), grid.get("trial_epochs")),
+            # Seconds compare only within one run: a reused grid's were measured by another.
+            f"{name}_time_fraction": None if "measured_by" in grid else common.ratio(search.get("seconds"),
+                                                                                     grid.get("seconds"))}
+
+
 def main() -> None:
     args = parse_args()
     reused = reusable(args)
@@ -348,24 +366,21 @@ def main() -> None:
     else:
         tuned = (tuned_vs_default(args) if args.tuned_vs_default else
                  {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
-    grid, asha, replayed, pbt, setup = searches(args, reused)
+    grid, asha, sha, replayed, pbt, setup = searches(args, reused)
     ran = "best_val_fid" in grid
     result = {
-        "ratios": {"asha_best_gap": common.ratio(asha["best_val_fid"] - grid["best_val_fid"], grid["best_val_fid"])
-                   if ran else None,
-                   "asha_compute_fraction": common.ratio(asha["trial_epochs"], grid.get("trial_epochs")),
-                   # Seconds compare only within one run: a reused grid's were measured by another.
-                   "asha_time_fraction": None if "measured_by" in grid else common.ratio(asha["seconds"],
-                                                                                          grid.get("seconds")),
+        "ratios": {**against_grid("asha", asha, grid), **against_grid("sha", sha, grid),
                    "pbt_over_asha_fid": common.ratio(pbt.get("best_test_fid"), asha["best_test_fid"]),
                    "pbt_over_asha_trial_epochs": common.ratio(pbt.get("trial_epochs"), asha["trial_epochs"]),
                    "tuned_over_default_fid": common.ratio(tuned["tuned"]["fid"]["mean"], tuned["default"]["fid"]["mean"])
                    if "tuned" in tuned else None},
         "grid": grid, "asha": asha, "asha_found_grid_best": asha["best_overrides"] == grid["best_overrides"] if ran else grid,
-        "asha_replay": replayed, "pbt": pbt, "tuned_vs_default": tuned, "setup": setup,
+        "asha_replay": replayed, "sha": sha,
+        "sha_found_grid_best": sha["best_overrides"] == grid["best_overrides"] if ran else grid,
+        "pbt": pbt, "tuned_vs_default": tuned, "setup": setup,
     }
     common.print_table([(f"{name} {key}", sweep.get(key, sweep.get("skipped")))
-                        for name, sweep in (("grid", grid), ("asha", asha), ("pbt", pbt))
+                        for name, sweep in (("grid", grid), ("asha", asha), ("sha", sha), ("pbt", pbt))
                         for key in ("best_val_fid", "best_test_fid", "trial_epochs", "seconds")]
                        + list(result["ratios"].items()))
     common.write_result(args.out, result)

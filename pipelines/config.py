@@ -137,9 +137,11 @@ class TuneConfig:
     cpus_per_worker: int = 0  # CPUs of each trial's Train workers; 0: train.cpus_per_worker's
     # Keys the YAML file or --set gives are left as given, not searched, unless listed here ("loss.gamma").
     search_keys: list[str] = field(default_factory=list)
-    # asha: successive halving over fresh trials; pbt: population-based training, whose trials take over a
-    # better trial's checkpoint and perturb their loss weights and learning rates every perturbation_interval epochs
-    scheduler: Literal["asha", "pbt"] = "asha"
+    # asha: asynchronous successive halving over fresh trials; sha: synchronous successive halving, whose trials
+    # pause at each rung until all have reached it (a cost fixed by num_samples and the rungs, in any order);
+    # pbt: population-based training, whose trials take over a better trial's checkpoint and perturb their loss
+    # weights and learning rates every perturbation_interval epochs
+    scheduler: Literal["asha", "sha", "pbt"] = "asha"
     perturbation_interval: int = 1  # epochs between PBT's exploit/explore decisions
     # random: draws from tune/space.py; optuna: Optuna's TPE sampler, multi-objective when objectives has two
     search: Literal["random", "optuna"] = "random"
@@ -168,7 +170,8 @@ class TuneConfig:
         _require(len(self.objectives) == 1 or self.search == "optuna", "tune.objectives", self.objectives,
                  "one metric unless tune.search=optuna (random draws have no use for a second objective)")
         _require(self.search == "random" or self.scheduler == "asha", "tune.search", self.search,
-                 "'random' with tune.scheduler=pbt (PBT explores by perturbing its population, not by a sampler)")
+                 f"'random' with tune.scheduler={self.scheduler} (PBT explores by perturbing its population, not "
+                 "by a sampler; SHA creates trials as slots free, through Tune's variant generator)")
         _require(self.objective_tolerance >= 1, "tune.objective_tolerance", self.objective_tolerance,
                  "a factor >= 1")
 

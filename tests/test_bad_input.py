@@ -137,7 +137,7 @@ CASES = [
          ("config key 'tune.search_keys' has invalid value 'model.latent_dim'; allowed: keys the vaegan sweep "
           "searches (loss.kl_weight, ",)),
     Case("unknown-tune-scheduler", run("tune.scheduler=hyperband"),
-         ("config key 'tune.scheduler' has invalid value 'hyperband'; allowed: one of ['asha', 'pbt']",)),
+         ("config key 'tune.scheduler' has invalid value 'hyperband'; allowed: one of ['asha', 'sha', 'pbt']",)),
     Case("unknown-tune-objective", run("tune.search=optuna", "tune.objectives=[val/fid,val/sharpness]"),
          ("config key 'tune.objectives' has invalid value 'val/sharpness'; allowed: val/fid, val/kid, val/recon_mse",)),
     Case("two-objectives-without-optuna", run("tune.objectives=[val/fid,val/recon_mse]"),

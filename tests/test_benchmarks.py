@@ -110,7 +110,7 @@ def test_sweep_quick(tmp_path, work_dir, shared_ray):
     assert asha["trial_epochs"] == result["setup"]["max_epochs"] == 2  # ASHA never stops the only trial of a rung
     assert positive(asha["best_val_fid"]) and positive(asha["best_test_fid"]) and positive(asha["seconds"])
     assert result["grid"] == result["asha_found_grid_best"] == {"skipped": "--quick"}  # it would rerun that trial
-    assert result["pbt"] == result["tuned_vs_default"] == result["asha_replay"] == {"skipped": "--quick"}
+    assert result["pbt"] == result["tuned_vs_default"] == result["asha_replay"] == result["sha"] == {"skipped": "--quick"}
     assert set(result["ratios"].values()) == {None}
 
 

@@ -1,9 +1,12 @@
 """The sweep searches only what the user left open: a key given in the YAML file or with --set keeps its value
 unless tune.search_keys lists it (no Ray started here; the smoke DAG in test_pipeline.py checks it end to end)."""
 import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
 
 from pipelines.config import CONFIG_DIR, load_config
 from pipelines.steps import tune as tune_step
+from tune.halving import SuccessiveHalving, milestones
 from tune.objectives import pareto_front, pick
 from tune.search import mutations
 from tune.space import grid_points, left_as_given, search_space, searchable_keys
@@ -116,3 +119,62 @@ def test_a_grid_holds_every_combination_once_in_an_order_its_seed_fixes():
     other = grid_points("vaegan", ("loss.gamma", "opt_dec.lr"), points=3, seed=1)
     assert other != grid and sorted(map(str, other)) == sorted(map(str, grid))
     assert combinations != sorted(combinations)  # not the product order, whose best decoder rates come last
+
+
+class FakeTrial:
+    """What the scheduler reads of a Tune trial: its status."""
+
+    def __init__(self):
+        self.status = Trial.PENDING
+
+
+class FakeController:
+    """What the scheduler asks of Tune: to stop a trial (Tune then tells the scheduler it left)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.stopped = scheduler, []
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial)
+        trial.status = Trial.TERMINATED
+        self.scheduler.on_trial_remove(self, trial)
+
+
+def test_successive_halving_waits_for_every_trial_at_a_rung_then_resumes_the_best_half_as_slots_free():
+    sha = SuccessiveHalving(metric="val/fid", mode="min", time_attr="epoch", max_t=4, grace_period=1,
+                            reduction_factor=2, slots=2)
+    assert milestones(8, 1, 2) == [1, 2, 4, 8] and milestones(4, 1, 3) == [1, 3, 4] and milestones(2, 2, 2) == [2]
+    created = []
+    sha.search_finished = lambda: len(created) == 3
+    tune = FakeController(sha)
+
+    def start(trial):
+        created.append(trial)
+        sha.on_trial_add(tune, trial)
+        trial.status = Trial.RUNNING
+
+    def report(trial, epoch, fid):
+        action = sha.on_trial_result(tune, trial, {"epoch": epoch, "val/fid": fid})
+        if action == TrialScheduler.PAUSE:
+            trial.status = Trial.PAUSED
+        return action
+
+    first, second, third = FakeTrial(), FakeTrial(), FakeTrial()
+    start(first), start(second)
+    assert sha.free_slots() == 0  # the search creates no third trial yet
+    assert report(first, 1, 5.0) == TrialScheduler.PAUSE and sha.free_slots() == 1  # a paused trial holds none
+    start(third)
+    assert report(second, 1, 3.0) == report(third, 1, 4.0) == TrialScheduler.PAUSE
+    # Every trial reached epoch 1: the best ceil(3 / 2) = 2 go on, best first, and the worst stops.
+    assert sha.choose_trial_to_run(tune) is second
+    second.status = Trial.PENDING  # what Tune does with the trial it is handed
+    assert tune.stopped == [first]
+    assert sha.choose_trial_to_run(tune) is third
+    third.status = Trial.RUNNING
+    assert sha.choose_trial_to_run(tune) is None  # both slots taken
+    second.status = Trial.RUNNING
+    assert report(second, 2, 2.0) == TrialScheduler.PAUSE and report(third, 2, 1.0) == TrialScheduler.PAUSE
+    assert sha.choose_trial_to_run(tune) is third and tune.stopped == [first, second]
+    third.status = Trial.RUNNING
+    assert report(third, 3, 0.9) == TrialScheduler.CONTINUE  # the last rung is max_t: no pause before it
+    assert report(third, 4, 0.8) == TrialScheduler.STOP

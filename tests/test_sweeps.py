@@ -1,11 +1,11 @@
-"""Population-based training through the real CLI on the smoke config, joined to the test process's Ray head
-and logging to a real `mlflow server`: `vaegan run --steps preprocess,tune,train --set tune.scheduler=pbt`
-(the `sweep` verb runs the same tune step, see test_pipeline.py; the two-objective Optuna search is the suite's
-full smoke run's, checked there).
+"""Population-based training and synchronous successive halving through the real CLI on the smoke config, joined
+to the test process's Ray head and logging to a real `mlflow server`: `vaegan run --steps preprocess,tune,train
+--set tune.scheduler=pbt` and `vaegan sweep --set tune.scheduler=sha` (the two-objective Optuna search is the
+suite's full smoke run's, checked in test_pipeline.py).
 
-The sweep runs a population of 2 for 2 epochs with a decision after epoch 1: PBT is synchronous, so the worse
-trial always takes over the better one's checkpoint. The train step then continues the winner's model for one
-more epoch.
+PBT runs a population of 2 for 2 epochs with a decision after epoch 1: PBT is synchronous, so the worse trial
+always takes over the better one's checkpoint. The train step then continues the winner's model for one more
+epoch. SHA runs 3 trials to its rung at epoch 1, and the best 2 on to epoch 2.
 """
 from __future__ import annotations
 
@@ -79,3 +79,24 @@ def test_the_pbt_report_plots_the_population_and_the_train_step_continues_the_wi
     assert history[2]["step/first"] == winner["step"] > 0
     assert history[:2] == json.loads(winner["history"])
     assert "[train] started from" in pbt["trained"].stdout + pbt["trained"].stderr
+
+
+@pytest.fixture(scope="module")
+def sha(tmp_path_factory, mlflow_server, shared_ray):
+    run_dir = tmp_path_factory.mktemp("sha") / "run"
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, **shared_ray}
+    swept = run_cli("sweep", *sweep_args(run_dir, "tune.scheduler=sha", "tune.num_samples=3", "tune.max_epochs=2"),
+                    env=env)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    return trial_reports(next(run_dir.glob("tune-*")))
+
+
+def test_successive_halving_stops_the_worst_trial_at_its_rung_and_the_rest_resume_their_own_checkpoints(sha):
+    epochs = {trial: [r["epoch"] for r in rows] for trial, rows in sha.items()}
+    assert sorted(epochs.values()) == [[1.0], [1.0, 2.0], [1.0, 2.0]], epochs  # 3 + 2 trial-epochs
+    at_rung = {trial: rows[0]["val/fid"] for trial, rows in sha.items()}
+    stopped = next(trial for trial, done in epochs.items() if done == [1.0])
+    assert at_rung[stopped] == max(at_rung.values())
+    for rows in sha.values():
+        if len(rows) == 2:  # paused after epoch 1, then a new Train run from that epoch's checkpoint
+            assert rows[1]["step/first"] == rows[0]["step/last"] > 0

@@ -1,7 +1,8 @@
-"""How a sweep searches: its scheduler (ASHA or PBT) and its search algorithm (random draws or Optuna).
+"""How a sweep searches: its scheduler (ASHA, synchronous successive halving or PBT) and its search algorithm
+(random draws or Optuna).
 
-    scheduler = make_scheduler(cfg.tune, space)          # ASHA, or PBT perturbing ``space``'s keys
-    search_alg = make_search(cfg.tune, max_concurrent)   # random draws, or Optuna (one or more objectives)
+    scheduler = make_scheduler(cfg.tune, space, slots)               # ASHA, SHA, or PBT perturbing ``space``'s keys
+    search_alg = make_search(cfg.tune, slots, points, scheduler)     # random draws, or Optuna (one or more objectives)
 """
 from __future__ import annotations
 
@@ -14,17 +15,23 @@ from ray.tune.search.sample import Categorical
 
 from pipelines.config import TuneConfig
 
+from .halving import SlotGate, SuccessiveHalving
 from .objectives import OBJECTIVES
 
 EPOCH = "epoch"  # the reported epoch: PBT's clock, so that perturbation_interval counts epochs
 
 
-def make_scheduler(tune_cfg: TuneConfig, space: dict[str, Any]) -> TrialScheduler:
-    """ASHA on the first objective, or PBT, which perturbs every key of ``space`` (the search space)."""
+def make_scheduler(tune_cfg: TuneConfig, space: dict[str, Any], slots: int) -> TrialScheduler:
+    """ASHA or synchronous successive halving (``slots`` trials at once) on the first objective, or PBT, which
+    perturbs every key of ``space`` (the search space)."""
     metric = tune_cfg.objectives[0]
     if tune_cfg.scheduler == "asha":
         return ASHAScheduler(metric=metric, mode=OBJECTIVES[metric], max_t=tune_cfg.max_epochs,
                              grace_period=tune_cfg.grace_period, reduction_factor=tune_cfg.reduction_factor)
+    if tune_cfg.scheduler == "sha":
+        return SuccessiveHalving(metric=metric, mode=OBJECTIVES[metric], time_attr=EPOCH, max_t=tune_cfg.max_epochs,
+                                 grace_period=tune_cfg.grace_period, reduction_factor=tune_cfg.reduction_factor,
+                                 slots=slots)
     # Synchronous, so that a seed gives one history. It waits only for live trials, and the search creates no
     # more trials than fit at once (make_search's max_concurrent), so a larger population runs in waves that
     # exploit only within themselves (measured: docs/benchmarks.md, section 4): size it to the trials that fit.
@@ -41,10 +48,13 @@ def mutations(space: dict[str, Any]) -> dict[str, Any]:
             for key, value in space.items()}
 
 
-def make_search(tune_cfg: TuneConfig, max_concurrent: int,
-                points: list[dict[str, Any]] | None = None) -> Searcher | ray_tune.search.BasicVariantGenerator:
+def make_search(tune_cfg: TuneConfig, max_concurrent: int, points: list[dict[str, Any]] | None = None,
+                scheduler: TrialScheduler | None = None) -> Searcher | ray_tune.search.BasicVariantGenerator:
     """Random draws (Tune's variant generator) or Optuna's TPE sampler over every objective, at most
-    ``max_concurrent`` trials at once; random search starts with ``points`` (nested overrides) in their order."""
+    ``max_concurrent`` trials at once (under successive halving, the running ones: ``scheduler`` counts them);
+    random search starts with ``points`` (nested overrides) in their order."""
+    if isinstance(scheduler, SuccessiveHalving):
+        return SlotGate(scheduler, points_to_evaluate=points, random_state=tune_cfg.seed)
     if tune_cfg.search == "random":
         return ray_tune.search.BasicVariantGenerator(points_to_evaluate=points, random_state=tune_cfg.seed,
                                                      max_concurrent=max_concurrent)

@@ -30,6 +30,7 @@ from .search import EPOCH, make_scheduler, make_search
 from .space import left_as_given, search_space
 from .trial import make_trial
 
+PAUSING = ("pbt", "sha")  # schedulers that pause trials, which resume from the checkpoint of the epoch they paused at
 BEST_MODEL = "best_model"  # the folder, in the output folder, of the winner's model (PBT: the train step continues it)
 
 
@@ -75,7 +76,7 @@ def trial_train_keys(cfg: PipelineConfig) -> dict[str, int]:
     keys = {"epochs": cfg.tune.max_epochs}
     if cfg.tune.cpus_per_worker:
         keys["cpus_per_worker"] = cfg.tune.cpus_per_worker
-    if cfg.tune.scheduler == "pbt":
+    if cfg.tune.scheduler in PAUSING:
         keys["checkpoint_every"] = 1
     return keys
 
@@ -103,7 +104,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
         print(f"[tune] warning: {waves_warning(cfg.tune.num_samples, fit)}", flush=True)
     keep_best = keep_best or pbt
     trial = make_trial(base, ctx, data, image_shape, featnet, prefix=prefix, train_limit=cfg.tune.train_limit,
-                       keep_checkpoints=keep_best)
+                       keep_checkpoints=keep_best or cfg.tune.scheduler in PAUSING)
+    scheduler = make_scheduler(cfg.tune, space, fit)
     storage_fs, storage_path = store.filesystem(store.join(ctx.run_dir, "ray"))
     history = TrialHistory()
     tuner = ray_tune.Tuner(
@@ -112,8 +114,8 @@ def run(cfg: PipelineConfig, ctx: RunContext, data: str, image_shape: list[int],
         ray_tune.with_resources(trial, {"memory": 64 * 1024**2}),
         param_space=space,
         tune_config=ray_tune.TuneConfig(
-            num_samples=cfg.tune.num_samples, scheduler=make_scheduler(cfg.tune, space),
-            search_alg=make_search(cfg.tune, fit, points)),
+            num_samples=cfg.tune.num_samples, scheduler=scheduler, search_alg=make_search(cfg.tune, fit, points,
+                                                                                          scheduler)),
         run_config=ray_tune.RunConfig(name=f"tune-{ctx.step_key}", storage_path=storage_path,
                                       storage_filesystem=storage_fs, verbose=1, callbacks=[history],
                                       # PBT's last epoch ends the trial before PBT sees it: a take-over then
