@@ -80,6 +80,9 @@ def parse_args():
     p.add_argument("--val-images", type=int, default=None, help="validation images for val/fid (default 256; --quick 64)")
     p.add_argument("--test-images", type=int, default=None,
                    help="test images for the winners' best_test_fid (default 2000; --quick the config's eval.num_images)")
+    p.add_argument("--sha", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the synchronous successive halving search (default: yes; --quick: no, "
+                        "tests/test_sweeps.py runs it through the CLI; one point would only pause and resume)")
     p.add_argument("--pbt", action=argparse.BooleanOptionalAction, default=None, help="run the PBT search (default: "
                                                                                       "yes; --quick: no)")
     p.add_argument("--tuned-vs-default", action=argparse.BooleanOptionalAction, default=None,
@@ -98,6 +101,7 @@ def parse_args():
     args.train_limit = args.train_limit or (256 if args.quick else 960)
     args.val_images = args.val_images or (64 if args.quick else 256)
     args.test_images = args.test_images or (0 if args.quick else 2000)
+    args.sha = (not args.quick) if args.sha is None else args.sha
     args.pbt = (not args.quick) if args.pbt is None else args.pbt
     args.tuned_vs_default = (not args.quick) if args.tuned_vs_default is None else args.tuned_vs_default
     args.out = common.result_path(args, "sweep")
@@ -284,10 +288,11 @@ def searches(args, reused: dict[str, Any]) -> tuple[dict[str, Any], ...]:
                                  space, scratch / "grid", reports, points)
             asha = run_sweep("asha", with_tune(cfg, args, args.grace_period, num_samples=len(points)), ctx, data,
                              space, scratch / "asha", reports, points)
-            # --quick: tests/test_sweeps.py runs SHA through the CLI; one point would only pause and resume.
-            sha = ({"skipped": "--quick"} if args.quick else
-                   run_sweep("sha", with_tune(cfg, args, args.grace_period, num_samples=len(points), scheduler="sha"),
-                             ctx, data, space, scratch / "sha", reports, points))
+            if args.sha:
+                sha = run_sweep("sha", with_tune(cfg, args, args.grace_period, num_samples=len(points),
+                                                 scheduler="sha"), ctx, data, space, scratch / "sha", reports, points)
+            else:
+                sha = {"skipped": "--quick" if args.quick else "--no-sha"}
             if args.pbt:
                 pbt = run_sweep("pbt", pbt_config(cfg, args, asha["trial_epochs"]), ctx, data, space,
                                 scratch / "pbt", reports)
@@ -357,6 +362,14 @@ def against_grid(name: str, search: dict[str, Any], grid: dict[str, Any]) -> dic
                                                                                      grid.get("seconds"))}
 
 
+def found_grid_best(search: dict[str, Any], grid: dict[str, Any]) -> bool | dict[str, str]:
+    """Whether ``search``'s winner is the grid's; where either was skipped, the skipped block says why."""
+    for block in (grid, search):
+        if "skipped" in block:
+            return block
+    return search["best_overrides"] == grid["best_overrides"]
+
+
 def main() -> None:
     args = parse_args()
     reused = reusable(args)
@@ -367,16 +380,15 @@ def main() -> None:
         tuned = (tuned_vs_default(args) if args.tuned_vs_default else
                  {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
     grid, asha, sha, replayed, pbt, setup = searches(args, reused)
-    ran = "best_val_fid" in grid
     result = {
         "ratios": {**against_grid("asha", asha, grid), **against_grid("sha", sha, grid),
                    "pbt_over_asha_fid": common.ratio(pbt.get("best_test_fid"), asha["best_test_fid"]),
                    "pbt_over_asha_trial_epochs": common.ratio(pbt.get("trial_epochs"), asha["trial_epochs"]),
                    "tuned_over_default_fid": common.ratio(tuned["tuned"]["fid"]["mean"], tuned["default"]["fid"]["mean"])
                    if "tuned" in tuned else None},
-        "grid": grid, "asha": asha, "asha_found_grid_best": asha["best_overrides"] == grid["best_overrides"] if ran else grid,
+        "grid": grid, "asha": asha, "asha_found_grid_best": found_grid_best(asha, grid),
         "asha_replay": replayed, "sha": sha,
-        "sha_found_grid_best": sha["best_overrides"] == grid["best_overrides"] if ran else grid,
+        "sha_found_grid_best": found_grid_best(sha, grid),
         "pbt": pbt, "tuned_vs_default": tuned, "setup": setup,
     }
     common.print_table([(f"{name} {key}", sweep.get(key, sweep.get("skipped")))
