@@ -292,12 +292,12 @@ def searches(args, reused: dict[str, Any]) -> tuple[dict[str, Any], ...]:
                 sha = run_sweep("sha", with_tune(cfg, args, args.grace_period, num_samples=len(points),
                                                  scheduler="sha"), ctx, data, space, scratch / "sha", reports, points)
             else:
-                sha = {"skipped": "--quick" if args.quick else "--no-sha"}
+                sha = skipped(args, "--no-sha")
             if args.pbt:
                 pbt = run_sweep("pbt", pbt_config(cfg, args, asha["trial_epochs"]), ctx, data, space,
                                 scratch / "pbt", reports)
             else:
-                pbt = {"skipped": "--quick" if args.quick else "--no-pbt"}
+                pbt = skipped(args, "--no-pbt")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     replayed = {"skipped": "--quick"} if args.quick else replay_asha(args, reports / "grid" / "history.csv", keys,
@@ -362,6 +362,11 @@ def against_grid(name: str, search: dict[str, Any], grid: dict[str, Any]) -> dic
                                                                                      grid.get("seconds"))}
 
 
+def skipped(args, flag: str) -> dict[str, str]:
+    """The block of a part that did not run: --quick leaves it out, else ``flag`` did."""
+    return {"skipped": "--quick" if args.quick else flag}
+
+
 def found_grid_best(search: dict[str, Any], grid: dict[str, Any]) -> bool | dict[str, str]:
     """Whether ``search``'s winner is the grid's; where either was skipped, the skipped block says why."""
     for block in (grid, search):
@@ -378,7 +383,7 @@ def main() -> None:
         tuned = reused["tuned_vs_default"]
     else:
         tuned = (tuned_vs_default(args) if args.tuned_vs_default else
-                 {"skipped": "--quick" if args.quick else "--no-tuned-vs-default"})
+                 skipped(args, "--no-tuned-vs-default"))
     grid, asha, sha, replayed, pbt, setup = searches(args, reused)
     result = {
         "ratios": {**against_grid("asha", asha, grid), **against_grid("sha", sha, grid),
