@@ -36,6 +36,7 @@ from pythae.trainers import (
 )
 from pythae.trainers.training_callbacks import TrainingCallback
 
+from vaegan.allocator import keep_step_memory
 from vaegan.imagerows import read_split
 from vaegan.checkpoint import save_checkpoint
 from vaegan.config import VAEGANConfig, from_dict
@@ -143,6 +144,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=0, help="train on the first N images (0: the whole split)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--keep-step-memory", action="store_true",
+                   help="set the process's allocator as our training loop does (vaegan/allocator.py) before training")
     p.add_argument("--checkpoint", type=Path, default=None, help="save the trained enc/dec here, our format")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
@@ -183,6 +186,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_step_memory:
+        keep_step_memory()
     cfg = from_dict(VAEGANConfig, json.loads(args.config_json))
     images, labels = read_split(args.data / "split=train", [cfg.model.channels, cfg.model.image_size,
                                                             cfg.model.image_size], limit=args.images)
@@ -204,6 +209,7 @@ def main() -> None:
                                     "update_fractions": update_fractions(trainer.updates),
                                     "all_updates_step_flops": all_updates_step_flops(cfg, args.seed, dataset.data),
                                     "torch_threads": torch.get_num_threads(),
+                                    "kept_step_memory": args.keep_step_memory,
                                     "checkpoint": str(args.checkpoint) if args.checkpoint else None}, indent=2))
 
 

@@ -10,18 +10,26 @@ that a slow spell of the machine hits every variant alike; each figure is the me
   channels_last     floor_step with the nets and the batch in channels_last memory format;
   compiled          floor_step with each network under ``torch.compile`` (compile seconds reported apart).
 
+The allocator (``vaegan/allocator.py``, which the training loop applies once per process, so floor_step and
+every variant above run with it) is process-wide and one-way, so its comparison runs in fresh child
+processes, alternating: floor_step with glibc's default malloc thresholds (``glibc_default_allocator``)
+against floor_step with the loop's, each child timing the same steps and counting its minor page faults.
+
 Each variant's ``step_flops`` (benchmarks/flops.py's counter, one step) sits beside its speed.
 Then the per-epoch validation's pieces (``pipelines/worker.py``): rebuilding the model through the checkpoint
 format, and the metrics under ``torch.no_grad`` against ``torch.inference_mode``; and one Adam step of the
 decoder, fused against unfused, alone.
 
-Run from the repository root (no Ray; about 4 minutes on 2 cores):
+Run from the repository root (no Ray; about 5 minutes on 2 cores):
     .venv/bin/python benchmarks/step_options.py
     .venv/bin/python benchmarks/step_options.py --quick      # smoke nets, a few rounds (tests)
 Results: benchmarks/results/step_options.json (--quick: step_options_quick.json).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +44,7 @@ import torch
 
 import vaegan
 from vaegan import metrics
+from vaegan.allocator import keep_step_memory
 from vaegan.checkpoint import checkpoint_payload
 from vaegan.config import VAEGANConfig
 from vaegan.inference import GenerativeModel
@@ -55,6 +64,13 @@ def previous_step_module(commit: str) -> types.ModuleType:
     sys.modules[module.__name__] = module
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
+
+
+def previous_config(cfg: VAEGANConfig) -> types.SimpleNamespace:
+    """``cfg`` as the previous step reads it: that commit's step also read the NaN-injection keys, which have
+    since moved out of the product config (into tests/hooks); off, as they always were outside tests."""
+    train = types.SimpleNamespace(**vars(cfg.train), inject_nonfinite_from=-1, inject_nonfinite_steps=0)
+    return types.SimpleNamespace(**{**vars(cfg), "train": train})
 
 
 def trainer_factories(cfg: VAEGANConfig, commit: str) -> dict[str, Callable[[], tuple[VAEGANTrainer, Callable]]]:
@@ -77,7 +93,7 @@ def trainer_factories(cfg: VAEGANConfig, commit: str) -> dict[str, Callable[[], 
 
     same = (lambda x: x)
     return {
-        "previous_step": lambda: (previous_step_module(commit).VAEGANTrainer(cfg, *nets()), same),
+        "previous_step": lambda: (previous_step_module(commit).VAEGANTrainer(previous_config(cfg), *nets()), same),
         "unfused_adam": lambda: (with_optimizer(unfused), same),
         "floor_step": lambda: (VAEGANTrainer(cfg, *nets()), same),
         "channels_last": lambda: (VAEGANTrainer(cfg, *nets(torch.channels_last)),
@@ -116,6 +132,43 @@ def measure_steps(cfg: VAEGANConfig, commit: str, rounds: int, steps: int) -> di
     for figure in figures.values():
         figure["over_floor_step"] = common.ratio(figure["images_per_s"], base)
     return figures
+
+
+def allocator_child(cfg: VAEGANConfig, keep: bool, steps: int) -> dict[str, float]:
+    """In a fresh process: floor_step's images/s and minor page faults per step, with or without the loop's
+    allocator setting."""
+    if keep:
+        keep_step_memory()
+    m = cfg.model
+    x = torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size,
+                   generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(cfg.train.seed)
+    trainer = VAEGANTrainer(cfg, *build_nets(cfg.model))
+    for _ in range(3):
+        trainer.train_step(x)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(x)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": cfg.train.batch_size * steps / seconds,
+            "minor_faults_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}
+
+
+def measure_allocator(config: str, rounds: int, steps: int) -> dict[str, Any]:
+    """glibc's default malloc thresholds against the loop's, one fresh child process per sample, alternating."""
+    samples: dict[str, list[dict[str, float]]] = {"glibc_default_allocator": [], "floor_step": []}
+    for _ in range(rounds):
+        for name, mode in (("glibc_default_allocator", "default"), ("floor_step", "keep")):
+            out = subprocess.run([sys.executable, __file__, "--config", config, "--steps", str(steps),
+                                  "--allocator-child", mode], check=True, capture_output=True, text=True,
+                                 cwd=common.REPO).stdout
+            samples[name].append(json.loads(out.strip().splitlines()[-1]))
+    figures = {name: {key: round(statistics.median(s[key] for s in runs), 1) for key in runs[0]}
+               for name, runs in samples.items()}
+    return {**figures, "glibc_default_allocator_over_floor_step": common.ratio(
+        figures["glibc_default_allocator"]["images_per_s"], figures["floor_step"]["images_per_s"]),
+        "children_per_side": rounds, "steps_per_child": steps}
 
 
 def measure_validation(cfg: VAEGANConfig, images: int, repeats: int) -> dict[str, Any]:
@@ -177,24 +230,33 @@ def main() -> None:
     parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT, help="where previous_step's step.py comes from")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 8; --quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="steps per variant per round (default 10; --quick 2)")
+    parser.add_argument("--allocator-child", choices=["default", "keep"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = args.config or f"pipelines/configs/{'smoke' if args.quick else 'default'}.yaml"
     rounds, steps = args.rounds or (2 if args.quick else 8), args.steps or (2 if args.quick else 10)
     cfg = common.load_pipeline_config(config, []).core()
+    if args.allocator_child:
+        print(json.dumps(allocator_child(cfg, args.allocator_child == "keep", steps)))
+        return
     args.out = common.result_path(args, "step_options")
+    allocator = measure_allocator(config, rounds=max(2, rounds // 2), steps=3 * steps)
+    keep_step_memory()  # the product's training loop does so; every variant below runs with it
     steps_figures = measure_steps(cfg, args.previous_commit, rounds, steps)
     validation = measure_validation(cfg, images=128 if args.quick else 1000, repeats=3 if args.quick else 5)
     adam = measure_adam(cfg, steps=20 if args.quick else 200)
     result = {"ratios": {f"{name}_over_floor_step": f["over_floor_step"] for name, f in steps_figures.items()
                          if name != "floor_step"}
               | {"inference_mode_over_no_grad_time": validation["inference_mode_over_no_grad_time"],
-                 "fused_adam_over_unfused_time": adam["fused_over_unfused_time"]},
-              "variants": steps_figures, "validation": validation, "adam_decoder_step": adam,
+                 "fused_adam_over_unfused_time": adam["fused_over_unfused_time"],
+                 "glibc_default_allocator_over_floor_step": allocator["glibc_default_allocator_over_floor_step"]},
+              "variants": steps_figures, "allocator": allocator, "validation": validation, "adam_decoder_step": adam,
               "setup": {"config": config, "previous_commit": args.previous_commit, "rounds": rounds,
                         "steps_per_round": steps, "batch_size": cfg.train.batch_size,
                         "torch_threads": torch.get_num_threads(), "statistic": "median over rounds"}}
     common.print_table([(name, f"{f['images_per_s']} images/s ({f['over_floor_step']}x)")
-                        for name, f in steps_figures.items()] + list(validation.items()) + list(adam.items()))
+                        for name, f in steps_figures.items()]
+                       + [(f"allocator: {name}", value) for name, value in allocator.items()]
+                       + list(validation.items()) + list(adam.items()))
     common.write_result(args.out, result)
 
 

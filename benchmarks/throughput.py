@@ -6,8 +6,13 @@
   ray_train_1w    the product's ``pipelines.training.fit`` (its ``train_loop_per_worker`` reading Ray Data
                   shards of the Parquet train split that the product's preprocess step wrote), tracking off;
   ray_train_2w    the same with 2 workers, each network in its own DDP over gloo (NCCL with --device cuda);
-  pythae          pythae's VAE-GAN trainer with the same nets (benchmarks/pythae_peer.py, own virtualenv).
+  pythae          pythae's VAE-GAN trainer with the same nets (benchmarks/pythae_peer.py, own virtualenv), as
+                  shipped; then again as ``pythae_same_allocator``, with the malloc thresholds our loop sets
+                  (``vaegan/allocator.py``), which any PyTorch loop on glibc could set as well.
   bare_vae        the bare loop again with ``model.kind=vae``: a plain VAE step on the same encoder and decoder.
+  bare_ray_up     with ``bare``: the bare loop in this process while the Ray of the Ray Train parts is still up,
+                  idle (its raylet, GCS, dashboard and agents), before it shuts down: what Ray's own processes
+                  take from a 2-thread loop on the same cores, apart from anything Ray Train does.
 
 Beside the images/s, the step's FLOPs against its floor and the machine's fp32 GFLOP/s (a 2048^3 matmul
 and the step's costliest convolution) come from benchmarks/flops.py, measured in the same run, so that
@@ -123,11 +128,13 @@ def checkpointed_history(result) -> list[dict[str, float]]:
         return json.loads(load_checkpoint(Path(folder) / CHECKPOINT_NAME)["history"])
 
 
-def pythae(cfg, data: common.PreparedData, images: int, epochs: int) -> dict[str, Any]:
+def pythae(cfg, data: common.PreparedData, images: int, epochs: int, keep_step_memory: bool) -> dict[str, Any]:
     from dataclasses import asdict
     out = common.run_pythae(["--data", str(data.dir), "--config-json", json.dumps(asdict(cfg)),
-                             "--epochs", str(epochs), "--images", str(images), "--seed", str(cfg.train.seed)])
-    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], **loop_figures(out["epochs"]),
+                             "--epochs", str(epochs), "--images", str(images), "--seed", str(cfg.train.seed),
+                             *(["--keep-step-memory"] if keep_step_memory else [])])
+    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], "kept_step_memory": keep_step_memory,
+            **loop_figures(out["epochs"]),
             "update_fractions": out["update_fractions"],
             "all_updates_step_flops_per_image": round(out["all_updates_step_flops"] / cfg.train.batch_size)}
 
@@ -158,16 +165,24 @@ def measure_ray(args, cfg, parts: dict[str, Any], scratch: Path) -> common.Prepa
                 parts[name] = {"skipped": f"{workers} workers need {workers} GPUs, found {torch.cuda.device_count()}"}
             else:
                 parts[name] = ray_train(cfg, data, workers, args.images, scratch / "ray")
+        if "bare" in args.parts and args.device == "cpu" and not args.ddp:
+            parts["bare_ray_up"] = bare(cfg.core(), train_images(args, data), args.epochs, torch.device("cpu"),
+                                        torch.get_num_threads(), ddp=False)
     return data
+
+
+def train_images(args, data: common.PreparedData) -> torch.Tensor:
+    """The first ``--images`` rows of the preprocessed train split, uint8 (N, C, H, W)."""
+    from vaegan.imagerows import read_split
+    return torch.from_numpy(read_split(data.dir / "split=train", data.image_shape, limit=args.images)[0])
 
 
 def measure_bare(args, cfg, data: common.PreparedData, parts: dict[str, Any]) -> None:
     """The bare loop at torch's default thread count and at the Ray Train worker's."""
-    from vaegan.imagerows import read_split
     if "bare" not in args.parts:
         parts["bare"] = {"skipped": "not in --parts"}
         return
-    images = torch.from_numpy(read_split(data.dir / "split=train", data.image_shape, limit=args.images)[0])
+    images = train_images(args, data)
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     if args.ddp:
         init_single_process_group(device)
@@ -210,9 +225,12 @@ def ratios(parts: dict[str, Any], figures: dict[str, Any]) -> dict[str, float | 
 
     return {"ray_train_1w_over_bare": common.ratio(ips("ray_train_1w"), ips("bare")),
             "ray_train_1w_over_bare_at_worker_threads": common.ratio(ips("ray_train_1w"), ips("bare_at_worker_threads")),
+            "ray_train_1w_over_bare_ray_up": common.ratio(ips("ray_train_1w"), ips("bare_ray_up")),
+            "bare_ray_up_over_bare": common.ratio(ips("bare_ray_up"), ips("bare")),
             "ddp_2w_over_1w": common.ratio(ips("ray_train_2w"), ips("ray_train_1w")),
             "pythae_over_bare": common.ratio(ips("pythae"), ips("bare")),
             "ours_over_pythae": common.ratio(ips("bare"), ips("pythae")),
+            "ours_over_pythae_same_allocator": common.ratio(ips("bare"), ips("pythae_same_allocator")),
             # Step time over step time: the VAE's images/s over the VAE-GAN's, at the same batch.
             "vaegan_over_vae_step_time": common.ratio(ips("bare_vae"), ips("bare")),
             "floor_vaegan_over_vae_flops": figures["flops"]["floor_over_vae_flops"],
@@ -229,16 +247,16 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="throughput-", dir=args.work_dir))
     parts: dict[str, Any] = {}
     try:
-        data = measure_ray(args, cfg, parts, scratch)  # Ray is shut down before the bare loop runs
+        data = measure_ray(args, cfg, parts, scratch)  # Ray is shut down before the bare loop runs (bare_ray_up aside)
         measure_bare(args, cfg, data, parts)
-        if "pythae" in args.parts:
-            parts["pythae"] = pythae(cfg.core(), data, args.images, args.epochs)
-        else:
-            parts["pythae"] = {"skipped": "--quick" if args.quick else "not in --parts"}
+        for name, keep in (("pythae", False), ("pythae_same_allocator", True)):
+            parts[name] = pythae(cfg.core(), data, args.images, args.epochs, keep) if "pythae" in args.parts else \
+                {"skipped": "--quick" if args.quick else "not in --parts"}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     figures = compute_figures(cfg, parts, args.device, args.quick)
-    ordered = {name: parts[name] for name in ("bare", "bare_at_worker_threads", *PARTS[1:]) if name in parts}
+    ordered = {name: parts[name] for name in ("bare", "bare_at_worker_threads", "bare_ray_up", *PARTS[1:4],
+                                              "pythae_same_allocator", *PARTS[4:]) if name in parts}
     result = {"ratios": ratios(parts, figures), **ordered, **figures,
               "setup": {"config": args.config, "overrides": args.overrides, "images_per_epoch": args.images,
                         "epochs": args.epochs, "batch_size": cfg.train.batch_size, "kind": cfg.model.kind,

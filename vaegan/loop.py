@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
+from .allocator import keep_step_memory
 from .step import VAEGANTrainer
 
 
@@ -44,7 +45,9 @@ class EpochMeter:
 def train_epoch(trainer: VAEGANTrainer, batches: Iterable[torch.Tensor],
                 after_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Run ``train_step`` over ``batches`` (float (B, C, H, W) in [0, 1]); returns the epoch summary.
-    ``after_step`` is called with the trainer's step count after every step."""
+    ``after_step`` is called with the trainer's step count after every step. The first call in a process
+    sets its allocator for the steps' churn (``vaegan/allocator.py``)."""
+    keep_step_memory()
     meter = EpochMeter()
     for x in batches:
         meter.update(trainer.train_step(x), x.shape[0])
