@@ -20,7 +20,7 @@ Then the per-epoch validation's pieces (``pipelines/worker.py``): rebuilding the
 format, and the metrics under ``torch.no_grad`` against ``torch.inference_mode``; and one Adam step of the
 decoder, fused against unfused, alone.
 
-Run from the repository root (no Ray; about 5 minutes on 2 cores):
+Run from the repository root (no Ray; about 3 minutes on 2 cores):
     .venv/bin/python benchmarks/step_options.py
     .venv/bin/python benchmarks/step_options.py --quick      # smoke nets, a few rounds (tests)
 Results: benchmarks/results/step_options.json (--quick: step_options_quick.json).
@@ -102,10 +102,15 @@ def trainer_factories(cfg: VAEGANConfig, commit: str) -> dict[str, Callable[[], 
     }
 
 
-def measure_steps(cfg: VAEGANConfig, commit: str, rounds: int, steps: int) -> dict[str, Any]:
+def one_batch(cfg: VAEGANConfig) -> torch.Tensor:
+    """The batch every variant steps on: uniform pixels, seeded."""
     m = cfg.model
-    x = torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size,
-                   generator=torch.Generator().manual_seed(0))
+    return torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def measure_steps(cfg: VAEGANConfig, commit: str, rounds: int, steps: int) -> dict[str, Any]:
+    x = one_batch(cfg)
     variants, warmup = {}, {}
     for name, factory in trainer_factories(cfg, commit).items():
         start = time.perf_counter()
@@ -139,9 +144,7 @@ def allocator_child(cfg: VAEGANConfig, keep: bool, steps: int) -> dict[str, floa
     allocator setting."""
     if keep:
         keep_step_memory()
-    m = cfg.model
-    x = torch.rand(cfg.train.batch_size, m.channels, m.image_size, m.image_size,
-                   generator=torch.Generator().manual_seed(0))
+    x = one_batch(cfg)
     torch.manual_seed(cfg.train.seed)
     trainer = VAEGANTrainer(cfg, *build_nets(cfg.model))
     for _ in range(3):
