@@ -47,6 +47,9 @@ import torch
 import torch.distributed as dist
 
 PARTS = ("bare", "ray_train_1w", "ray_train_2w", "pythae", "bare_vae")
+# The result's blocks in print and JSON order: the parts, with the runs some of them add beside them.
+BLOCKS = ("bare", "bare_at_worker_threads", "bare_ray_up", "ray_train_1w", "ray_train_2w", "pythae",
+          "pythae_same_allocator", "bare_vae")
 
 
 def parse_args():
@@ -133,7 +136,7 @@ def pythae(cfg, data: common.PreparedData, images: int, epochs: int, keep_step_m
     out = common.run_pythae(["--data", str(data.dir), "--config-json", json.dumps(asdict(cfg)),
                              "--epochs", str(epochs), "--images", str(images), "--seed", str(cfg.train.seed),
                              *(["--keep-step-memory"] if keep_step_memory else [])])
-    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], "kept_step_memory": keep_step_memory,
+    return {"torch_threads": out["torch_threads"], "pythae": out["pythae"], "kept_step_memory": out["kept_step_memory"],
             **loop_figures(out["epochs"]),
             "update_fractions": out["update_fractions"],
             "all_updates_step_flops_per_image": round(out["all_updates_step_flops"] / cfg.train.batch_size)}
@@ -255,8 +258,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     figures = compute_figures(cfg, parts, args.device, args.quick)
-    ordered = {name: parts[name] for name in ("bare", "bare_at_worker_threads", "bare_ray_up", *PARTS[1:4],
-                                              "pythae_same_allocator", *PARTS[4:]) if name in parts}
+    ordered = {name: parts[name] for name in BLOCKS if name in parts}
     result = {"ratios": ratios(parts, figures), **ordered, **figures,
               "setup": {"config": args.config, "overrides": args.overrides, "images_per_epoch": args.images,
                         "epochs": args.epochs, "batch_size": cfg.train.batch_size, "kind": cfg.model.kind,
