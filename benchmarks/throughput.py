@@ -10,9 +10,11 @@
                   shipped; then again as ``pythae_same_allocator``, with the malloc thresholds our loop sets
                   (``vaegan/allocator.py``), which any PyTorch loop on glibc could set as well.
   bare_vae        the bare loop again with ``model.kind=vae``: a plain VAE step on the same encoder and decoder.
-  bare_ray_up     with ``bare``: the bare loop in this process while the Ray of the Ray Train parts is still up,
-                  idle (its raylet, GCS, dashboard and agents), before it shuts down: what Ray's own processes
-                  take from a 2-thread loop on the same cores, apart from anything Ray Train does.
+  bare_ray_up     with ``bare``: the bare loop in this process while the Ray of the Ray Train parts is still up
+                  and idle (its raylet, GCS, dashboard and agents), once the machine has gone quiet after those
+                  runs (``settled_after_s``), before Ray shuts down: what Ray's own idle processes take from a
+                  2-thread loop on the same cores, apart from anything Ray Train does (``ray_actors_alive``:
+                  the actors still up as it ends; no Train run's controller is among them).
 
 Beside the images/s, the step's FLOPs against its floor and the machine's fp32 GFLOP/s (a 2048^3 matmul
 and the step's costliest convolution) come from benchmarks/flops.py, measured in the same run, so that
@@ -22,9 +24,12 @@ Every ``images_per_s`` is steady state: images over seconds of the epochs after 
 per-epoch figure each loop reports (``vaegan.loop.EpochMeter``; pythae: its epoch time), so start-up
 is excluded; Ray's ``wall_seconds`` includes it (worker group start, Ray Data, per-epoch validation
 and checkpoints). The nets, batch size and data are the config's (default: the main job's).
+All parts run in turn ``--rounds`` times (default 3); each part's ``images_per_s`` is the median over its
+rounds (each round's figure in ``rounds_images_per_s``); each ratio is the median of the ratios of the
+parts' figures within one round (``ratios_by_round``), so it need not equal the ratio of two medians.
 
 Run from the repository root, under the shared Ray lock:
-    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py            # about 8 min on 2 cores
+    flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py            # about 10 min on 2 cores
     flock /tmp/vaegan-ray.lock .venv/bin/python benchmarks/throughput.py --quick    # smoke config, tests
     .venv/bin/python benchmarks/throughput.py --device cuda --parts bare --ddp      # the bare step on a GPU
 Results: benchmarks/results/throughput.json (--quick: throughput_quick.json; --out to change).
@@ -35,6 +40,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -64,7 +70,10 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the bare loop on GPU 0 and Ray Train with use_gpu")
     p.add_argument("--ddp", action="store_true", help="bare loop: wrap the nets in DDP over a world of one")
+    p.add_argument("--rounds", type=int, default=None, help="times every part runs, in turn; each figure is the "
+                                                            "median over the rounds (default 3; --quick 1)")
     args = p.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
     args.config = args.config or f"pipelines/configs/{'smoke' if args.quick else 'default'}.yaml"
     args.images = args.images or (256 if args.quick else 3200)
     args.epochs = args.epochs or (2 if args.quick else 3)
@@ -169,9 +178,30 @@ def measure_ray(args, cfg, parts: dict[str, Any], scratch: Path) -> common.Prepa
             else:
                 parts[name] = ray_train(cfg, data, workers, args.images, scratch / "ray")
         if "bare" in args.parts and args.device == "cpu" and not args.ddp:
-            parts["bare_ray_up"] = bare(cfg.core(), train_images(args, data), args.epochs, torch.device("cpu"),
-                                        torch.get_num_threads(), ddp=False)
+            # --quick (the tests) does not wait: the suite's other worker keeps the machine busy.
+            settled_after_s = wait_until_idle(most_s=0 if args.quick else 60)
+            parts["bare_ray_up"] = {**bare(cfg.core(), train_images(args, data), args.epochs, torch.device("cpu"),
+                                           torch.get_num_threads(), ddp=False), "settled_after_s": settled_after_s,
+                                    "ray_actors_alive": ray_actors_alive()}
     return data
+
+
+def wait_until_idle(most_s: int, busy_percent: float = 10.0) -> int | None:
+    """Seconds until the machine's CPUs are less than ``busy_percent`` busy over one second; None if they were
+    not within ``most_s``. After a Train run Ray tears its actors down and starts fresh idle workers, seconds
+    of CPU on 2 cores; ``bare_ray_up`` waits for that to end, so that it measures an idle Ray, not Ray
+    cleaning up."""
+    import psutil  # ray/thirdparty_files, on sys.path once ray is imported
+    for second in range(most_s):
+        if psutil.cpu_percent(interval=1.0) < busy_percent:
+            return second + 1
+    return None
+
+
+def ray_actors_alive() -> list[str]:
+    """The classes of the actors alive in this Ray now (Ray Data's and Ray Train's own among them)."""
+    from ray.util.state import list_actors
+    return sorted(actor.class_name for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000))
 
 
 def train_images(args, data: common.PreparedData) -> torch.Tensor:
@@ -241,6 +271,44 @@ def ratios(parts: dict[str, Any], figures: dict[str, Any]) -> dict[str, float | 
             "fraction_of_peak": figures["fraction_of_peak"]["of_matmul"]}
 
 
+def measure_round(args, cfg, scratch: Path) -> tuple[dict[str, Any], common.PreparedData]:
+    """Every part once, in turn: the Ray Train runs (and bare_ray_up), the bare loops, pythae."""
+    parts: dict[str, Any] = {}
+    data = measure_ray(args, cfg, parts, scratch)  # Ray is shut down before the bare loop runs (bare_ray_up aside)
+    measure_bare(args, cfg, data, parts)
+    for name, keep in (("pythae", False), ("pythae_same_allocator", True)):
+        parts[name] = pythae(cfg.core(), data, args.images, args.epochs, keep) if "pythae" in args.parts else \
+            {"skipped": "--quick" if args.quick else "not in --parts"}
+    return parts, data
+
+
+def median_parts(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each part as its last round ran it, but with ``images_per_s`` the median over the rounds, beside each
+    round's figure (``rounds_images_per_s``) and per-epoch figures. On a shared 2-core box a slow spell of
+    seconds to minutes moved one run's figures by 15 %; parts run in turn, so a spell falls on one round of
+    each part, not on every round of one."""
+    combined = {}
+    for name, last in rounds[-1].items():
+        if "images_per_s" not in last:
+            combined[name] = last
+            continue
+        per_round = [parts[name]["images_per_s"] for parts in rounds]
+        combined[name] = {**last, "images_per_s": round(statistics.median(per_round), 1),
+                          "rounds_images_per_s": per_round,
+                          "per_epoch_images_per_s": [parts[name]["per_epoch_images_per_s"] for parts in rounds]}
+    return combined
+
+
+def median_ratios(by_round: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each ratio's median over the rounds: a ratio of two parts of one round compares figures minutes apart,
+    where the medians of the parts over all rounds would compare a slow spell's round with a fast one's."""
+    medians = {}
+    for key in by_round[0]:
+        values = [r[key] for r in by_round if r[key] is not None]
+        medians[key] = round(statistics.median(values), 3) if values else None
+    return medians
+
+
 def main() -> None:
     args = parse_args()
     settings = [f"train.epochs={args.epochs}", "train.patience=0", "train.val_images=64",
@@ -248,22 +316,21 @@ def main() -> None:
     cfg = common.load_pipeline_config(args.config, [*settings, *args.overrides])
     args.work_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="throughput-", dir=args.work_dir))
-    parts: dict[str, Any] = {}
     try:
-        data = measure_ray(args, cfg, parts, scratch)  # Ray is shut down before the bare loop runs (bare_ray_up aside)
-        measure_bare(args, cfg, data, parts)
-        for name, keep in (("pythae", False), ("pythae_same_allocator", True)):
-            parts[name] = pythae(cfg.core(), data, args.images, args.epochs, keep) if "pythae" in args.parts else \
-                {"skipped": "--quick" if args.quick else "not in --parts"}
+        rounds = [measure_round(args, cfg, scratch / f"round-{i}") for i in range(args.rounds)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    data = rounds[0][1]
+    parts = median_parts([round_parts for round_parts, _ in rounds])
     figures = compute_figures(cfg, parts, args.device, args.quick)
     ordered = {name: parts[name] for name in BLOCKS if name in parts}
-    result = {"ratios": ratios(parts, figures), **ordered, **figures,
+    by_round = [ratios(round_parts, figures) for round_parts, _ in rounds]
+    result = {"ratios": median_ratios(by_round), "ratios_by_round": by_round, **ordered, **figures,
               "setup": {"config": args.config, "overrides": args.overrides, "images_per_epoch": args.images,
                         "epochs": args.epochs, "batch_size": cfg.train.batch_size, "kind": cfg.model.kind,
                         "image_shape": data.image_shape, "base_channels": cfg.model.base_channels,
-                        "latent_dim": cfg.model.latent_dim, "steady_state": "epochs after the first"}}
+                        "latent_dim": cfg.model.latent_dim, "steady_state": "epochs after the first",
+                        "rounds": args.rounds}}
     rows = [(name, f"{p['images_per_s']:.1f} images/s ({p['torch_threads']} threads)" if "images_per_s" in p
              else p.get("skipped")) for name, p in ordered.items()]
     common.print_table(rows + [(k, v) for k, v in result["ratios"].items()])

@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,7 @@ def fit(cfg: PipelineConfig, data: str, image_shape: list[int], featnet: str, *,
         datasets=None if held is not None else {"train": streamed_train_split(cfg, store.join(data, "split=train"),
                                                                                  train_limit)},
     )
-    result = trainer.fit()
+    result = fit_releasing_controller(trainer)
     record = read_ledger(ledger)
     if record.get("diverged"):
         # Consumed: a rerun (e.g. with lower learning rates) must not be failed by this run's verdict.
@@ -93,6 +95,20 @@ def fit(cfg: PipelineConfig, data: str, image_shape: list[int], featnet: str, *,
         raise NonFiniteLossError(record["diverged"])
     return TrainOutcome(result=result, mlflow_unsent=int(record.get("mlflow_unsent", 0)),
                         faults={k: record[k] for k in ("restarts", "steps_redone", "recovery_seconds") if k in record})
+
+
+def fit_releasing_controller(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, then this process's SIGINT handler as it was before. Called from a main thread, Ray
+    Train installs a handler (Ctrl-C aborts the run) whose closure holds the run's controller actor; left in
+    place, it kept the finished run's TrainController, its DatasetManager and the train split handed to them
+    alive until the process exited or the next run replaced it: processes that woke up beside whatever ran
+    next on the same cores (the train step's Ray worker goes on to serve later steps)."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
 
 def mlflow_spool(storage: str, name: str) -> str:
