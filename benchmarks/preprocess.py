@@ -20,6 +20,11 @@ two sides run it reads every file once, so both find them in the page cache.
             PIL (``transform_batch``) 1024 files at a time, and stream the rows through one pyarrow
             ``ParquetWriter`` per split (bounded memory), then the same ``build_manifest``.
 ``ratios.ray_over_script_png_time`` is Ray's seconds (start-up included) over the script's.
+``ratios.ray_over_script_png_time_at_perfect_scaling`` is what that ratio would be if Ray's Data phase took
+the script's decode and write split perfectly over the cores, with Ray's start-up and manifest as measured:
+the best this start-up allows. ``data_phase_cpu_seconds`` says where Ray's cores went in the Data phase,
+per kind of process (task workers, Ray Data's own actors, the driver, Ray's daemons), beside the script's
+``transform_write_cpu_seconds``.
 
 Each pair writes the same rows, so their manifests carry the same fingerprint (checked: ``same_output``).
 Peak RSS: for Ray, the sum over the driver and every process of the cluster, sampled every 0.2 s
@@ -168,7 +173,7 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
     from pipelines.config import DataConfig
     from vaegan.config import ModelConfig
     rss_before_mb = psutil.Process().memory_info().rss / MiB
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     cfg, model_cfg = DataConfig(**data), ModelConfig(**model)
     root = str(Path(cfg.source).resolve())
     classes = sources.image_classes(root)
@@ -179,10 +184,11 @@ def png_script_preprocess(data: dict[str, Any], model: dict[str, Any], out_dir: 
             chunk = files[first:first + BATCH_ROWS]
             batch = sources.read_image_files({"path": np.array(chunk)}, root, classes)
             writer.write(shards.transform_batch(batch, data, shape))
-    written = time.perf_counter()
+    written, written_cpu = time.perf_counter(), time.process_time()
     manifest = shards.build_manifest(Path(out_dir), "images", cfg, model_cfg, classes)
     end = time.perf_counter()
-    return {"seconds": end - start, "transform_write_seconds": written - start, "manifest_seconds": end - written,
+    return {"seconds": end - start, "transform_write_seconds": written - start,
+            "transform_write_cpu_seconds": written_cpu - start_cpu, "manifest_seconds": end - written,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_mb": rss_before_mb, "manifest": manifest}
 
@@ -262,7 +268,8 @@ def run_ray_side(data_cfg, model_cfg, out_dir: Path) -> dict[str, Any]:
             "peak_rss_mb": total["rss_mb"], "peak_private_mb": total["private_mb"],
             "peak_largest_ray_process_rss_mb": total["largest_ray_process_rss_mb"],
             "peak_driver_rss_mb": total["driver_rss_mb"], "rss_before_mb": sampler.baseline_mb,
-            "max_processes": sampler.max_processes, "manifest": manifest}
+            "max_processes": sampler.max_processes,
+            "data_phase_cpu_seconds": sampler.cpu_seconds_between("ray_data", "manifest"), "manifest": manifest}
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -329,6 +336,9 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     result["ratios"].update({
         "ray_over_script_png_time": common.ratio(png["ray_data"]["seconds"], png["script"]["seconds"]),
+        "ray_over_script_png_time_at_perfect_scaling": common.ratio(
+            png["ray_data"]["ray_init_seconds"] + png["script"]["transform_write_seconds"] / result["setup"]["ray_num_cpus"]
+            + png["ray_data"]["manifest_seconds"], png["script"]["seconds"]),
         "ray_over_script_png_peak_rss": common.ratio(png["ray_data"]["peak_rss_mb"], png["script"]["peak_rss_mb"])})
     result["png_folder"] = png
     sides = (("ray", result["ray_data"]), ("numpy", result["numpy"]),

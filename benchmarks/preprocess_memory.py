@@ -136,6 +136,7 @@ class Sampler(threading.Thread):
         self.store_error: str | None = None
         self.roots: list[psutil.Process] = []  # this cluster's daemons, in case one is not our descendant
         self.raylet: tuple[str, int] | None = None
+        self.cpu_marks: dict[str, dict[int, tuple[str, float]]] = {}
 
     def attach(self) -> None:
         """Find this cluster's raylet (for store stats) and its processes by session dir."""
@@ -165,6 +166,25 @@ class Sampler(threading.Thread):
         except psutil.Error:
             return "?"
         return (Path(cmd[0]).name if cmd and "/" in cmd[0] else " ".join(cmd[:1]))[:60] or proc.name()
+
+    def mark_cpu(self, name: str) -> None:
+        """Note every process's CPU seconds (user + system) so far, under ``name``."""
+        marks = {}
+        for proc in self.processes():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            marks[proc.pid] = (self._label(proc), times.user + times.system)
+        self.cpu_marks[name] = marks
+
+    def cpu_seconds_between(self, first: str, last: str) -> dict[str, float]:
+        """CPU seconds each kind of process (driver, task workers, each Ray Data actor, each daemon) spent
+        between two marks, most first; a process started in between counts from its start."""
+        spent: dict[str, float] = {}
+        for pid, (label, seconds) in self.cpu_marks[last].items():
+            spent[label] = spent.get(label, 0.0) + seconds - self.cpu_marks[first].get(pid, (label, 0.0))[1]
+        return {label: round(s, 2) for label, s in sorted(spent.items(), key=lambda kv: -kv[1]) if s >= 0.05}
 
     def store_used(self) -> dict[str, float] | None:
         if self.raylet is None or self.store_error:
@@ -237,11 +257,13 @@ def measure(data_cfg: DataConfig, model_cfg: ModelConfig, out_dir: Path, sampler
 
             def timed_build_manifest(*a, **kw):  # marks the end of the Ray Data phase (write_parquet returned)
                 times["manifest_start"] = time.perf_counter()
+                sampler.mark_cpu("manifest")
                 sampler.phase = "manifest"
                 return real_build_manifest(*a, **kw)
 
             shards.build_manifest = timed_build_manifest  # run() looks it up in the module at call time
             sampler.phase = "ray_data"
+            sampler.mark_cpu("ray_data")
             try:
                 manifest = shards.run(data_cfg, model_cfg, out_dir)
             finally:
